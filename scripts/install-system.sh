@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Installs the Debian packages snapvol needs (FUSE 3 and its headers, plus the real
+# programs the test suite drives). Safe to run again: it only installs what is missing.
+set -euo pipefail
+pkgs=(fuse3 libfuse3-dev pkg-config)
+missing=()
+for p in "${pkgs[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+[ ${#missing[@]} -eq 0 ] && exit 0
+sudo=""
+[ "$(id -u)" -ne 0 ] && sudo="sudo"
+export DEBIAN_FRONTEND=noninteractive
+$sudo apt-get update -qq
+$sudo apt-get install -y -qq "${missing[@]}"

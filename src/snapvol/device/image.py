@@ -1,0 +1,190 @@
+"""Image files and raw block devices.
+
+A volume lives in a sparse regular file or on a raw block device. Runs go to the kernel as
+single positioned system calls (pread/pwrite, preadv/pwritev split at IOV_MAX), so the cost
+of a run does not grow with a Python loop per block, and positioned calls need no shared
+file offset, so readers on several threads do not race.
+
+The device takes no lock itself: the owner of a volume takes a `VolumeLock` on `fd` after
+opening, because only the owner knows whether it opened the volume to write or to read.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from collections.abc import Sequence
+
+from snapvol.device.base import BLOCK_SIZE, Buffer, Device, blocks_in, byte_view
+from snapvol.errors import VolumeError
+
+MIN_IMAGE_BYTES = 1 << 20
+"""Smaller images cannot hold the fixed metadata of a volume with room to spare."""
+
+
+def _iov_max() -> int:
+    try:
+        value = os.sysconf("SC_IOV_MAX")
+    except (ValueError, OSError):
+        value = -1
+    return value if value > 0 else 1024
+
+
+IOV_MAX = _iov_max()
+
+
+class ImageDevice(Device):
+    """A volume image: a regular file or a raw block device, opened read-only or read-write."""
+
+    def __init__(self, path: str | os.PathLike[str], writable: bool) -> None:
+        self.path = os.fspath(path)
+        self.writable = writable
+        self._fd = _open_image(self.path, writable)
+        try:
+            st = os.fstat(self._fd)
+            size = st.st_size if stat.S_ISREG(st.st_mode) else os.lseek(self._fd, 0, os.SEEK_END)
+        except OSError as err:
+            os.close(self._fd)
+            raise VolumeError(f"cannot size {self.path}: {err.strerror}") from err
+        self.nblocks = size // BLOCK_SIZE
+
+    @property
+    def fd(self) -> int:
+        """The open descriptor, for `VolumeLock.acquire`; ValueError once closed."""
+        if self._fd < 0:
+            raise ValueError(f"{self.path} is closed")
+        return self._fd
+
+    def read(self, vbn: int, count: int = 1) -> bytes:
+        self.check_run(vbn, count)
+        want = count * BLOCK_SIZE
+        offset = vbn * BLOCK_SIZE
+        data = os.pread(self.fd, want, offset)
+        if len(data) == want:
+            return data
+        # A short read: the kernel split the call, or the file ends early (a sparse image
+        # that another tool truncated). Keep reading; past the end reads as zeros.
+        parts = [data]
+        got = len(data)
+        while got < want:
+            more = os.pread(self.fd, want - got, offset + got)
+            if not more:
+                parts.append(bytes(want - got))
+                break
+            parts.append(more)
+            got += len(more)
+        return b"".join(parts)
+
+    def readv(self, vbn: int, bufs: list[bytearray] | list[memoryview]) -> None:
+        views = [byte_view(buf) for buf in bufs]
+        self.check_run(vbn, sum(blocks_in(view.nbytes) for view in views))
+        fd = self.fd
+        offset = vbn * BLOCK_SIZE
+        while views:
+            done = os.preadv(fd, views[:IOV_MAX], offset)
+            if done == 0:
+                for view in views:
+                    view[:] = bytes(view.nbytes)
+                return
+            offset += done
+            views = _advance(views, done)
+
+    def write(self, vbn: int, data: Buffer) -> None:
+        self.writev(vbn, [data])
+
+    def writev(self, vbn: int, bufs: Sequence[Buffer]) -> None:
+        self._check_writable()
+        views = [byte_view(buf) for buf in bufs]
+        self.check_run(vbn, sum(blocks_in(view.nbytes) for view in views))
+        fd = self.fd
+        offset = vbn * BLOCK_SIZE
+        views = [view for view in views if view.nbytes]
+        while views:
+            done = os.pwritev(fd, views[:IOV_MAX], offset)
+            if done == 0:
+                raise VolumeError(f"{self.path}: the device accepted no bytes at block {vbn}")
+            offset += done
+            views = _advance(views, done)
+
+    def flush(self) -> None:
+        if self.writable:
+            os.fsync(self.fd)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            fd, self._fd = self._fd, -1
+            os.close(fd)
+
+    def _check_writable(self) -> None:
+        if not self.writable:
+            raise VolumeError(f"{self.path} is open read-only")
+
+    def __repr__(self) -> str:
+        mode = "rw" if self.writable else "ro"
+        return f"ImageDevice({self.path!r}, {mode}, {self.nblocks} blocks)"
+
+
+def _advance(views: list[memoryview], done: int) -> list[memoryview]:
+    """Drop the first `done` bytes from a list of buffers (after a partial vectored call)."""
+    index = 0
+    while index < len(views) and done >= views[index].nbytes:
+        done -= views[index].nbytes
+        index += 1
+    rest = views[index:]
+    if rest and done:
+        rest[0] = rest[0][done:]
+    return rest
+
+
+def _open_image(path: str, writable: bool) -> int:
+    """Open an image, turning the usual mistakes into one-line `VolumeError`s."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise VolumeError(f"no such image: {path}") from None
+    except OSError as err:
+        raise VolumeError(f"cannot open {path}: {err.strerror}") from err
+    if stat.S_ISDIR(st.st_mode):
+        raise VolumeError(f"{path} is a directory, not a volume image")
+    if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+        raise VolumeError(f"{path} is neither a regular file nor a block device")
+    flags = (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC
+    try:
+        return os.open(path, flags)
+    except FileNotFoundError:
+        raise VolumeError(f"no such image: {path}") from None
+    except OSError as err:
+        if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS) and writable:
+            raise VolumeError(f"cannot open {path} for writing: {err.strerror}") from err
+        raise VolumeError(f"cannot open {path}: {err.strerror}") from err
+
+
+def open_device(path: str | os.PathLike[str], writable: bool) -> ImageDevice:
+    """Open the image or raw device at `path`."""
+    return ImageDevice(path, writable)
+
+
+def create_image(path: str | os.PathLike[str], size_bytes: int) -> None:
+    """Create a sparse image of `size_bytes` rounded down to whole blocks.
+
+    Only ftruncate, so a 16 TiB image costs nothing until blocks are written (where the
+    file system allows files that large: ext4 stops at 16 TiB minus one block).
+    """
+    name = os.fspath(path)
+    if size_bytes < MIN_IMAGE_BYTES:
+        raise VolumeError(f"cannot create {name}: {size_bytes} bytes is below the 1 MiB minimum")
+    size = size_bytes // BLOCK_SIZE * BLOCK_SIZE
+    try:
+        fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+    except FileExistsError:
+        raise VolumeError(f"{name} already exists") from None
+    except OSError as err:
+        raise VolumeError(f"cannot create {name}: {err.strerror}") from err
+    try:
+        os.ftruncate(fd, size)
+    except OSError as err:
+        os.close(fd)
+        os.unlink(name)
+        raise VolumeError(f"cannot create {name} of {size} bytes: {err.strerror}") from err
+    os.close(fd)

@@ -1,0 +1,1 @@
+"""The volume engine: buffer cache, allocator, consistency points, inodes, snapshots."""

@@ -1,0 +1,75 @@
+"""The block allocator over the planes (DESIGN.md §3.1 and §3.5).
+
+A block may be handed out only when no plane holds it: not in the active image being
+built, not in any snapshot (the summary plane), and not freed since the last committed CP
+(the `deferred` plane: such blocks are still part of the committed image a crash would
+fall back to). Frees therefore only take effect at commit.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from snapvol.errors import FsError
+from snapvol.layout.constants import FIRST_DATA_VBN
+from snapvol.planes import Plane, find_free
+from snapvol.planes.algebra import union
+
+
+class Allocator:
+    def __init__(self, nblocks: int, active: Plane, summary: Plane) -> None:
+        self.nblocks = nblocks
+        self.active = active
+        self.summary = summary
+        self.deferred = Plane.zeros(nblocks)
+        self._deferred_list: list[np.ndarray] = []
+        self.cursor = FIRST_DATA_VBN
+        self.busy = union(active, summary).count()
+        self.allocated_this_cp = 0
+
+    @property
+    def free(self) -> int:
+        return self.nblocks - self.busy
+
+    def alloc(self, n: int) -> np.ndarray:
+        """n free blocks, in runs from the cursor, as an ascending-by-run uint64 array."""
+        if n == 0:
+            return np.zeros(0, dtype=np.uint64)
+        runs = find_free(self.cursor, n, self.active, self.summary, self.deferred)
+        got = sum(length for _, length in runs)
+        if got < n:
+            raise FsError(28, "volume is full: no free blocks left for this consistency point")
+        parts = [np.arange(start, start + length, dtype=np.uint64) for start, length in runs]
+        vbns = np.concatenate(parts) if len(parts) > 1 else parts[0]
+        self.active.set_many(vbns)
+        last_start, last_len = runs[-1]
+        self.cursor = last_start + last_len
+        if self.cursor >= self.nblocks:
+            self.cursor = FIRST_DATA_VBN
+        self.busy += n
+        self.allocated_this_cp += n
+        return vbns
+
+    def free_many(self, vbns: np.ndarray) -> None:
+        """Remove blocks from the active image; they become reusable after the commit."""
+        if len(vbns) == 0:
+            return
+        vbns = vbns.astype(np.uint64, copy=False)
+        self.active.clear_many(vbns)
+        self.deferred.set_many(vbns)
+        self._deferred_list.append(vbns)
+
+    def commit(self) -> None:
+        """The CP is on disk: blocks freed during it are free unless a snapshot holds them."""
+        if self._deferred_list:
+            vbns = np.unique(np.concatenate(self._deferred_list))
+            self.deferred.clear_many(vbns)
+            still = self.active.test_many(vbns) | self.summary.test_many(vbns)
+            self.busy -= int(np.count_nonzero(~still))
+            self._deferred_list.clear()
+        self.deferred.mark_clean()
+        self.allocated_this_cp = 0
+
+    def recount(self) -> None:
+        """Recompute the busy count after the summary plane shrank (snapshot deletion)."""
+        self.busy = union(self.active, self.summary, self.deferred).count()

@@ -1,0 +1,462 @@
+"""One file system image: the inode file and the files, directories and xattrs in it.
+
+The active file system is a writable Image; every snapshot is a read-only Image on the
+inode file saved in its entry. Both read through the same code, so what fsck, `get` and
+replication see of a snapshot is what they see of the active file system.
+"""
+
+from __future__ import annotations
+
+import stat
+import struct
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from snapvol.engine.blockio import BlockIO, WriteBatch
+from snapvol.engine.directory import Directory
+from snapvol.engine.tree import ZERO_BLOCK, BlockSpace, BlockTree
+from snapvol.errors import FsError, fs_error
+from snapvol.layout.constants import (
+    BLOCK_SIZE,
+    FIRST_USER_INO,
+    INODE_SIZE,
+    INODES_PER_BLOCK,
+    INOMAP_INO,
+    MAX_FILE_SIZE,
+    ROOT_INO,
+)
+from snapvol.layout.inode import Inode
+from snapvol.layout.pointer import PTR_DTYPE, Pointer
+from snapvol.layout.records import TreeRoot
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator
+
+ENOENT, ENOSPC, EROFS, E2BIG, ENODATA, EFBIG = 2, 28, 30, 7, 61, 27
+XATTR_NAME_MAX = 255
+XATTR_SIZE_MAX = 65536
+INODE_FLAG_XATTR = 1  # the inode holds another inode's xattrs, not user data
+
+
+@dataclass(slots=True, eq=False)
+class Node:
+    """A loaded inode with its block tree (and directory, for directories)."""
+
+    inode: Inode
+    tree: BlockTree
+    dir: Directory | None = None
+    opened: int = 0  # open handles (unlinked files live on until the last close)
+    extra: dict[str, object] = field(default_factory=dict)
+
+
+class _DirStore:
+    """The BlockStore a Directory sees: its inode's block tree."""
+
+    def __init__(self, image: Image, node: Node) -> None:
+        self.image, self.node = image, node
+
+    def read_block(self, fbn: int) -> bytes:
+        return self.node.tree.read_block(fbn)
+
+    def write_block(self, fbn: int, data: bytes) -> None:
+        self.image._write_block(self.node, fbn, data, meta=True)
+
+    def punch_block(self, fbn: int) -> None:
+        self.image._touch(self.node)
+        self.node.tree.punch_block(fbn)
+
+    @property
+    def nblocks(self) -> int:
+        return (self.node.inode.size + BLOCK_SIZE - 1) // BLOCK_SIZE
+
+    def set_nblocks(self, n: int) -> None:
+        node = self.node
+        if n * BLOCK_SIZE < node.inode.size:
+            node.tree.truncate_blocks(n)
+        node.inode.size = n * BLOCK_SIZE
+        self.image._touch(node)
+
+
+def check_name(name: bytes) -> None:
+    """Refuse names a directory entry cannot hold (DESIGN.md §3.7)."""
+    if not name or name in (b".", b".."):
+        raise FsError(22, f"invalid name {name!r}: empty, '.' and '..' are not file names")
+    if b"/" in name or b"\x00" in name:
+        raise FsError(22, f"invalid name {name!r}: names cannot contain '/' or NUL")
+    if len(name) > 255:
+        raise FsError(36, f"name too long ({len(name)} bytes; the limit is 255)")
+
+
+def dtype_of(mode: int) -> int:
+    return stat.S_IFMT(mode) >> 12
+
+
+class Image:
+    """Inodes, file data, directories and xattrs of one inode file."""
+
+    def __init__(
+        self,
+        io: BlockIO,
+        inode_file: TreeRoot,
+        space: BlockSpace | None = None,
+        admit: Callable[[int, bool], None] | None = None,
+    ) -> None:
+        self.io = io
+        self.space = space
+        self.admit = admit
+        top = np.zeros(1, dtype=PTR_DTYPE)
+        top[0] = (inode_file.ptr.vbn, inode_file.ptr.csum)
+        self.itree = BlockTree(io, top, inode_file.height, space)
+        self.inode_blocks = inode_file.nblocks
+        self.nodes: dict[int, Node] = {}
+        self.dirty_records: set[int] = set()
+        self.dirty_trees: set[int] = set()
+        self.dirty_dirs: set[int] = set()
+        self.dirty_data_blocks = 0
+        self._inomap: np.ndarray | None = None
+        self._inomap_dirty: set[int] = set()
+        self._ino_hint = FIRST_USER_INO
+        self._freed_records: dict[int, Inode] = {}
+
+    @property
+    def writable(self) -> bool:
+        return self.space is not None
+
+    @property
+    def dirty(self) -> bool:
+        return bool(self.dirty_records or self.dirty_trees or self.dirty_dirs
+                    or self._inomap_dirty)
+
+    def root(self) -> TreeRoot:
+        p = self.itree.top[0]
+        return TreeRoot(Pointer(int(p["vbn"]), int(p["csum"])), self.itree.height,
+                        self.inode_blocks)
+
+    def _require_writable(self) -> None:
+        if self.space is None:
+            raise FsError(EROFS, "read-only file system: snapshots cannot be changed")
+
+    # ---- inodes -----------------------------------------------------------------------
+    def _record(self, ino: int) -> Inode:
+        freed = self._freed_records.get(ino)
+        if freed is not None:
+            return freed.copy()
+        blk = ino // INODES_PER_BLOCK
+        if blk >= self.inode_blocks:
+            return Inode(ino)
+        data = self.itree.read_block(blk)
+        off = (ino % INODES_PER_BLOCK) * INODE_SIZE
+        return Inode.decode(ino, memoryview(data)[off : off + INODE_SIZE])
+
+    def node(self, ino: int) -> Node:
+        """The loaded inode `ino`; ENOENT if it is not allocated."""
+        n = self.nodes.get(ino)
+        if n is None:
+            if ino <= 0:
+                raise fs_error(ENOENT, f"inode {ino}")
+            inode = self._record(ino)
+            if not inode.allocated:
+                raise fs_error(ENOENT, f"inode {ino}")
+            n = Node(inode, BlockTree(self.io, inode.ptrs, inode.height, self.space))
+            self.nodes[ino] = n
+        return n
+
+    def exists(self, ino: int) -> bool:
+        try:
+            self.node(ino)
+        except FsError:
+            return False
+        return True
+
+    def _touch(self, node: Node) -> None:
+        self.dirty_records.add(node.inode.ino)
+        self.dirty_trees.add(node.inode.ino)
+
+    def mark_dirty(self, node: Node) -> None:
+        """The inode's attributes changed (times, mode, owner, size)."""
+        self._require_writable()
+        self.dirty_records.add(node.inode.ino)
+
+    def _load_inomap(self) -> np.ndarray:
+        if self._inomap is None:
+            node = self.node(INOMAP_INO)
+            nbytes = node.inode.size
+            raw = b"".join(node.tree.read_blocks(0, (nbytes + BLOCK_SIZE - 1) // BLOCK_SIZE))
+            self._inomap = np.frombuffer(raw[:nbytes], dtype=np.uint8).copy()
+        return self._inomap
+
+    def alloc_inode(self, mode: int, uid: int, gid: int, now_ns: int, qtree: int = 0) -> Node:
+        self._require_writable()
+        if self.admit is not None:
+            self.admit(2, False)
+        bits = self._load_inomap()
+        ino = self._find_free_ino(bits)
+        byte = ino >> 3
+        if byte >= len(bits):
+            grown = np.zeros(max(BLOCK_SIZE, 2 * len(bits)), dtype=np.uint8)
+            grown[: len(bits)] = bits
+            self._inomap = bits = grown
+            # the new tail blocks must be written even if they stay mostly zero
+            self._inomap_dirty.update(range(len(bits) // BLOCK_SIZE))
+        bits[byte] |= 1 << (ino & 7)
+        self._inomap_dirty.add(byte // BLOCK_SIZE)
+        self._ino_hint = ino + 1
+        old = self._record(ino)
+        self.nodes.pop(ino, None)
+        inode = Inode(ino, mode=mode, nlink=0, uid=uid, gid=gid, generation=old.generation + 1,
+                      qtree=qtree, atime_ns=now_ns, mtime_ns=now_ns, ctime_ns=now_ns,
+                      btime_ns=now_ns)
+        node = Node(inode, BlockTree(self.io, inode.ptrs, 0, self.space))
+        self.nodes[ino] = node
+        self.dirty_records.add(ino)
+        return node
+
+    def create_reserved(self, ino: int, mode: int, now_ns: int) -> Node:
+        """Make one of the fixed inodes (the inode map, the root directory) at format time."""
+        inode = Inode(ino, mode=mode, nlink=1, generation=1, atime_ns=now_ns, mtime_ns=now_ns,
+                      ctime_ns=now_ns, btime_ns=now_ns)
+        node = Node(inode, BlockTree(self.io, inode.ptrs, 0, self.space))
+        self.nodes[ino] = node
+        self.dirty_records.add(ino)
+        bits = self._inomap if self._inomap is not None else np.zeros(BLOCK_SIZE, np.uint8)
+        bits[ino >> 3] |= 1 << (ino & 7)
+        self._inomap = bits
+        self._inomap_dirty.add(0)
+        return node
+
+    def _find_free_ino(self, bits: np.ndarray) -> int:
+        for start in (self._ino_hint, FIRST_USER_INO):
+            b0 = start >> 3
+            view = bits[b0:]
+            full = np.flatnonzero(view != 0xFF)
+            for b in full[:2].tolist():
+                byte = int(view[b])
+                for bit in range(8):
+                    ino = ((b0 + b) << 3) + bit
+                    if ino >= start and not byte & (1 << bit):
+                        return ino
+        return max(len(bits) * 8, FIRST_USER_INO)
+
+    def free_inode(self, node: Node) -> None:
+        """Release an inode whose last link and last handle are gone."""
+        self._require_writable()
+        inode = node.inode
+        if inode.xattr_ino:
+            self.free_inode(self.node(inode.xattr_ino))
+        node.tree.truncate_blocks(0)
+        node.dir = None
+        gen = inode.generation
+        node.inode = Inode(inode.ino, generation=gen)
+        node.tree = BlockTree(self.io, node.inode.ptrs, 0, self.space)
+        bits = self._load_inomap()
+        bits[inode.ino >> 3] &= ~(1 << (inode.ino & 7)) & 0xFF
+        self._inomap_dirty.add((inode.ino >> 3) // BLOCK_SIZE)
+        self._ino_hint = min(self._ino_hint, inode.ino)
+        self.dirty_records.add(inode.ino)
+        self.dirty_trees.discard(inode.ino)
+        self.dirty_dirs.discard(inode.ino)
+        self.nodes.pop(inode.ino, None)
+        self._freed_records[inode.ino] = node.inode
+
+    # ---- file data --------------------------------------------------------------------
+    def _write_block(self, node: Node, fbn: int, data: bytes, meta: bool = False) -> None:
+        tree = node.tree
+        if fbn not in tree.dirty_data:
+            if self.admit is not None:
+                self.admit(1, meta)
+            self.dirty_data_blocks += 1
+        tree.write_block(fbn, data)
+        self._touch(node)
+
+    def read(self, node: Node, offset: int, size: int) -> bytes:
+        inode = node.inode
+        end = min(inode.size, offset + size)
+        if offset >= end:
+            return b""
+        first, last = offset // BLOCK_SIZE, (end - 1) // BLOCK_SIZE
+        blocks = node.tree.read_blocks(first, last - first + 1)
+        data = b"".join(blocks)
+        lo = offset - first * BLOCK_SIZE
+        return data[lo : lo + end - offset]
+
+    def write(self, node: Node, offset: int, data: bytes | memoryview) -> int:
+        self._require_writable()
+        n = len(data)
+        if n == 0:
+            return 0
+        if offset + n > MAX_FILE_SIZE:
+            raise FsError(EFBIG, f"write past the largest file size ({MAX_FILE_SIZE} bytes)")
+        mv = memoryview(data)
+        pos = 0
+        fbn, within = divmod(offset, BLOCK_SIZE)
+        if within:
+            take = min(BLOCK_SIZE - within, n)
+            old = node.tree.read_block(fbn) if fbn * BLOCK_SIZE < node.inode.size else ZERO_BLOCK
+            blk = old[:within] + bytes(mv[:take]) + old[within + take :]
+            self._write_block(node, fbn, blk)
+            pos, fbn = take, fbn + 1
+        while n - pos >= BLOCK_SIZE:
+            self._write_block(node, fbn, bytes(mv[pos : pos + BLOCK_SIZE]))
+            pos += BLOCK_SIZE
+            fbn += 1
+        if pos < n:
+            tail = n - pos
+            old = node.tree.read_block(fbn) if fbn * BLOCK_SIZE < node.inode.size else ZERO_BLOCK
+            self._write_block(node, fbn, bytes(mv[pos:]) + old[tail:])
+        if offset + n > node.inode.size:
+            node.inode.size = offset + n
+        return n
+
+    def truncate(self, node: Node, size: int) -> None:
+        self._require_writable()
+        if size > MAX_FILE_SIZE:
+            raise FsError(EFBIG, f"size {size} is past the largest file size")
+        inode = node.inode
+        if size < inode.size:
+            keep = (size + BLOCK_SIZE - 1) // BLOCK_SIZE
+            node.tree.truncate_blocks(keep)
+            within = size % BLOCK_SIZE
+            if within:
+                fbn = size // BLOCK_SIZE
+                old = node.tree.read_block(fbn)
+                if any(old[within:]):
+                    self._write_block(node, fbn, old[:within] + bytes(BLOCK_SIZE - within))
+        inode.size = size
+        self._touch(node)
+
+    # ---- directories ------------------------------------------------------------------
+    def directory(self, node: Node) -> Directory:
+        if not node.inode.is_dir:
+            raise fs_error(20, f"inode {node.inode.ino}")
+        if node.dir is None:
+            node.dir = Directory(_DirStore(self, node))
+        if self.writable:
+            self.dirty_dirs.add(node.inode.ino)
+        return node.dir
+
+    def format_directory(self, node: Node, parent_ino: int) -> Directory:
+        node.dir = Directory.format(_DirStore(self, node), parent_ino)
+        self.dirty_dirs.add(node.inode.ino)
+        return node.dir
+
+    def readdir(self, node: Node, after: int = 0) -> Iterator[tuple[bytes, int, int, int]]:
+        """(name, ino, dtype, cookie) of each entry past `after`, in cookie order."""
+        for e in self.directory(node).readdir(after):
+            yield e.name, e.ino, e.dtype, e.cookie
+
+    # ---- extended attributes ------------------------------------------------------------
+    def xattrs(self, node: Node) -> dict[bytes, bytes]:
+        xino = node.inode.xattr_ino
+        if not xino:
+            return {}
+        xnode = self.node(xino)
+        return decode_xattrs(self.read(xnode, 0, xnode.inode.size))
+
+    def set_xattrs(self, node: Node, attrs: dict[bytes, bytes], now_ns: int) -> None:
+        self._require_writable()
+        inode = node.inode
+        if not attrs:
+            if inode.xattr_ino:
+                self.free_inode(self.node(inode.xattr_ino))
+                inode.xattr_ino = 0
+                self.dirty_records.add(inode.ino)
+            return
+        blob = encode_xattrs(attrs)
+        if inode.xattr_ino:
+            xnode = self.node(inode.xattr_ino)
+        else:
+            xnode = self.alloc_inode(stat.S_IFREG, 0, 0, now_ns, inode.qtree)
+            xnode.inode.flags = INODE_FLAG_XATTR
+            xnode.inode.nlink = 1
+            inode.xattr_ino = xnode.inode.ino
+            self.dirty_records.add(inode.ino)
+        self.truncate(xnode, 0)
+        self.write(xnode, 0, blob)
+
+    # ---- consistency point ----------------------------------------------------------------
+    def flush(self, batch: WriteBatch) -> TreeRoot:
+        """Give every change a place on disk (new VBNs) and return the new inode-file root."""
+        self._require_writable()
+        for ino in sorted(self.dirty_dirs):
+            n = self.nodes.get(ino)
+            if n is not None and n.dir is not None:
+                n.dir.flush()
+        self.dirty_dirs.clear()
+        if self._inomap_dirty and self._inomap is not None:
+            mapnode = self.node(INOMAP_INO)
+            bits = self._inomap
+            for b in sorted(self._inomap_dirty):
+                chunk = bits[b * BLOCK_SIZE : (b + 1) * BLOCK_SIZE].tobytes()
+                mapnode.tree.write_block(b, chunk.ljust(BLOCK_SIZE, b"\x00"))
+            mapnode.inode.size = max(mapnode.inode.size, len(bits))
+            self._touch(mapnode)
+            self._inomap_dirty.clear()
+        for ino in sorted(self.dirty_trees):
+            n = self.nodes.get(ino)
+            if n is None:
+                continue
+            tree = n.tree
+            if tree.dirty:
+                tree.prepare()
+                tree.encode(batch)
+            n.inode.height = tree.height
+            n.inode.blocks += tree.delta_blocks
+            tree.delta_blocks = 0
+            tree.trim_cache()
+            self.dirty_records.add(ino)
+        self.dirty_trees.clear()
+        self.dirty_data_blocks = 0
+        by_block: dict[int, list[Inode]] = {}
+        for ino in self.dirty_records:
+            n = self.nodes.get(ino)
+            rec = n.inode if n is not None else self._freed_records.get(ino)
+            if rec is not None:
+                by_block.setdefault(ino // INODES_PER_BLOCK, []).append(rec)
+        for blk, recs in sorted(by_block.items()):
+            old = self.itree.read_block(blk) if blk < self.inode_blocks else ZERO_BLOCK
+            buf = bytearray(old)
+            for rec in recs:
+                off = (rec.ino % INODES_PER_BLOCK) * INODE_SIZE
+                buf[off : off + INODE_SIZE] = rec.encode()
+            self.itree.write_block(blk, bytes(buf))
+            self.inode_blocks = max(self.inode_blocks, blk + 1)
+        self.dirty_records.clear()
+        self._freed_records.clear()
+        if self.itree.dirty:
+            self.itree.prepare()
+            self.itree.encode(batch)
+        self.itree.trim_cache()
+        return self.root()
+
+    def pending_blocks(self) -> int:
+        """Blocks the next CP needs at most for what is dirty now (an overestimate)."""
+        data = self.dirty_data_blocks
+        trees = len(self.dirty_trees)
+        records = len(self.dirty_records)
+        return data + data // 128 + 6 * trees + records // 8 + 16
+
+
+def encode_xattrs(attrs: dict[bytes, bytes]) -> bytes:
+    out = [struct.pack("<I", len(attrs))]
+    for name, value in sorted(attrs.items()):
+        out.append(struct.pack("<HI", len(name), len(value)))
+        out.append(name)
+        out.append(value)
+    return b"".join(out)
+
+
+def decode_xattrs(blob: bytes) -> dict[bytes, bytes]:
+    if len(blob) < 4:
+        return {}
+    (count,) = struct.unpack_from("<I", blob)
+    pos, out = 4, {}
+    for _ in range(count):
+        nlen, vlen = struct.unpack_from("<HI", blob, pos)
+        pos += 6
+        name = blob[pos : pos + nlen]
+        pos += nlen
+        out[name] = blob[pos : pos + vlen]
+        pos += vlen
+    return out

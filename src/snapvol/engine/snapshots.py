@@ -1,0 +1,253 @@
+"""Snapshots: the table, and create / delete / rename / restore on a volume.
+
+Creating a snapshot commits a CP, records that CP's root in the table and ORs the active
+plane into the summary plane; no block is copied (DESIGN.md §3.4). Deleting one drops its
+entry and recomputes the summary plane only where the deleted plane had bits. Restoring
+makes the snapshot's inode file the active one; every other snapshot stays.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid as uuidlib
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from snapvol.engine.image import Image
+from snapvol.engine.tree import BlockTree
+from snapvol.errors import FsError, SnapvolError
+from snapvol.layout.constants import (
+    BLOCK_SIZE,
+    MAX_NAME,
+    MAX_SNAPSHOTS,
+    SNAP_ENTRIES_PER_BLOCK,
+    SNAP_ENTRY_SIZE,
+)
+from snapvol.layout.snaptable import SnapEntry
+from snapvol.planes import Plane
+from snapvol.planes.algebra import union_into
+
+if TYPE_CHECKING:
+    from snapvol.engine.volume import Volume
+
+
+class SnapshotError(SnapvolError):
+    """An unknown, duplicate or invalid snapshot name, or too many snapshots."""
+
+
+def check_snapshot_name(name: str) -> None:
+    raw = name.encode("utf-8", "surrogateescape")
+    if not raw:
+        raise SnapshotError("invalid snapshot name: it is empty")
+    if len(raw) > MAX_NAME:
+        raise SnapshotError(f"invalid snapshot name: {len(raw)} bytes, the limit is {MAX_NAME}")
+    if "/" in name or "\x00" in name:
+        raise SnapshotError(f"invalid snapshot name {name!r}: it cannot contain '/' or NUL")
+    if name in (".", ".."):
+        raise SnapshotError(f"invalid snapshot name {name!r}")
+
+
+class SnapshotTable:
+    """The in-memory snapshot table, written back into its file at a CP."""
+
+    def __init__(self, entries: dict[int, SnapEntry], next_id: int) -> None:
+        self.slots = entries  # slot -> entry
+        self.next_id = next_id
+
+    @classmethod
+    def load(cls, tree: BlockTree, nblocks: int) -> SnapshotTable:
+        entries: dict[int, SnapEntry] = {}
+        next_id = 1
+        for blk in range(nblocks):
+            data = memoryview(tree.read_block(blk))
+            for i in range(SNAP_ENTRIES_PER_BLOCK):
+                e = SnapEntry.decode(data[i * SNAP_ENTRY_SIZE : (i + 1) * SNAP_ENTRY_SIZE])
+                if e is not None:
+                    entries[blk * SNAP_ENTRIES_PER_BLOCK + i] = e
+                    next_id = max(next_id, e.snap_id + 1)
+        return cls(entries, next_id)
+
+    @property
+    def nblocks(self) -> int:
+        if not self.slots:
+            return 0
+        return max(self.slots) // SNAP_ENTRIES_PER_BLOCK + 1
+
+    def write_into(self, tree: BlockTree) -> None:
+        for blk in range(self.nblocks):
+            buf = bytearray(BLOCK_SIZE)
+            for i in range(SNAP_ENTRIES_PER_BLOCK):
+                e = self.slots.get(blk * SNAP_ENTRIES_PER_BLOCK + i)
+                if e is not None:
+                    buf[i * SNAP_ENTRY_SIZE : (i + 1) * SNAP_ENTRY_SIZE] = e.encode()
+            if bytes(buf) != tree.read_block(blk):
+                tree.write_block(blk, bytes(buf))
+        tree.truncate_blocks(self.nblocks)
+
+    def entries(self) -> list[SnapEntry]:
+        """Oldest first (by CP count, then id)."""
+        return sorted(self.slots.values(), key=lambda e: (e.cp_count, e.snap_id))
+
+    def find(self, name: str) -> tuple[int, SnapEntry] | None:
+        for slot, e in self.slots.items():
+            if e.name == name:
+                return slot, e
+        return None
+
+    def get(self, name: str) -> SnapEntry:
+        found = self.find(name)
+        if found is None:
+            names = ", ".join(e.name for e in self.entries()) or "none"
+            raise SnapshotError(f"no snapshot named {name!r} (snapshots: {names})")
+        return found[1]
+
+    def by_guid(self, guid: bytes) -> SnapEntry | None:
+        for e in self.slots.values():
+            if e.guid == guid:
+                return e
+        return None
+
+    def __len__(self) -> int:
+        return len(self.slots)
+
+    def free_slot(self) -> int:
+        for slot in range(MAX_SNAPSHOTS):
+            if slot not in self.slots:
+                return slot
+        raise SnapshotError(f"too many snapshots: the limit is {MAX_SNAPSHOTS}; delete one first")
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotInfo:
+    name: str
+    guid: str
+    snap_id: int
+    cp_count: int
+    created_ns: int
+    reclaimable_blocks: int  # what deleting it alone would free
+
+
+def snapshot_plane(vol: Volume, entry: SnapEntry) -> Plane:
+    from snapvol.engine.volume import load_plane
+
+    return load_plane(vol.io, entry.active_plane, vol.nblocks)
+
+
+def create(vol: Volume, name: str) -> SnapEntry:
+    with vol.mutex:
+        check_snapshot_name(name)
+        table = vol.snapshots
+        if table.find(name) is not None:
+            raise SnapshotError(f"a snapshot named {name!r} already exists")
+        slot = table.free_slot()
+        vol.cp()
+        r = vol.root
+        entry = SnapEntry(table.next_id, name, uuidlib.uuid4().bytes, r.cp_count,
+                          time.time_ns(), r.inode_file, r.active_plane, r.summary_plane,
+                          r.snap_table)
+        table.slots[slot] = entry
+        table.next_id += 1
+        union_into(vol.summary_plane, vol.active_plane)
+        vol.snaps_dirty = True
+        vol.cp(force=True)
+        return entry
+
+
+def rename(vol: Volume, old: str, new: str) -> None:
+    with vol.mutex:
+        check_snapshot_name(new)
+        table = vol.snapshots
+        found = table.find(old)
+        if found is None:
+            table.get(old)
+            return
+        if table.find(new) is not None:
+            raise SnapshotError(f"a snapshot named {new!r} already exists")
+        slot, e = found
+        table.slots[slot] = SnapEntry(e.snap_id, new, e.guid, e.cp_count, e.created_ns,
+                                      *e.trees, flags=e.flags)
+        vol.snaps_dirty = True
+        vol.cp(force=True)
+
+
+def delete(vol: Volume, name: str) -> int:
+    """Delete a snapshot; returns the number of blocks that became free."""
+    with vol.mutex:
+        table = vol.snapshots
+        found = table.find(name)
+        if found is None:
+            table.get(name)
+            return 0
+        slot, entry = found
+        free_before = vol.alloc.free if vol.alloc is not None else 0
+        gone = snapshot_plane(vol, entry)
+        del table.slots[slot]
+        others = [snapshot_plane(vol, e) for e in table.entries()]
+        summary = vol.summary_plane
+        for pb in gone.nonzero_blocks().tolist():
+            words = np.zeros(512, dtype=np.uint64)
+            for p in others:
+                words |= p.words[pb * 512 : (pb + 1) * 512]
+            if not np.array_equal(summary.words[pb * 512 : (pb + 1) * 512], words):
+                summary.words[pb * 512 : (pb + 1) * 512] = words
+                summary.mark_dirty(pb)
+        assert vol.alloc is not None
+        vol.alloc.recount()
+        vol.snaps_dirty = True
+        vol.cp(force=True)
+        return vol.alloc.free - free_before
+
+
+def infos(vol: Volume) -> list[SnapshotInfo]:
+    """Every snapshot with the space deleting it alone would free: blocks held by that
+    snapshot and by no other snapshot and not by the active file system."""
+    with vol.mutex:
+        entries = vol.snapshots.entries()
+        planes = [snapshot_plane(vol, e) for e in entries]
+        ones = np.zeros_like(vol.active_plane.words)
+        twos = np.zeros_like(ones)
+        for p in planes:
+            twos |= ones & p.words
+            ones |= p.words
+        only_one = ones & ~twos & ~vol.active_plane.words
+        out = []
+        for e, p in zip(entries, planes, strict=True):
+            uniq = int(np.bitwise_count(p.words & only_one).sum())
+            out.append(SnapshotInfo(e.name, str(uuidlib.UUID(bytes=e.guid)), e.snap_id,
+                                    e.cp_count, e.created_ns, uniq))
+        return out
+
+
+def restore(vol: Volume, name: str) -> None:
+    """Roll the active file system back to snapshot `name`. Other snapshots are kept."""
+    from snapvol.engine.volume import root_of, tree_vbns
+
+    with vol.mutex:
+        entry = vol.snapshots.get(name)
+        if vol.alloc is None:
+            raise FsError(30, f"{vol.path} is open read-only")
+        # Commit first so the blocks of the current image are exactly the active plane.
+        vol.cp()
+        old = vol.active_plane
+        new = snapshot_plane(vol, entry)
+        # The snapshot's plane names its own metadata files; the active image keeps the
+        # current ones (planes, summary, table), which the next CP rewrites copy-on-write.
+        for tree_root in (entry.active_plane, entry.summary_plane, entry.snap_table):
+            new.clear_many(tree_vbns(vol.io, tree_root))
+        for tree in (vol.active_tree, vol.summary_tree, vol.snap_tree):
+            new.set_many(tree_vbns(vol.io, root_of(tree, 0)))
+        new.set_range(0, 3)
+        dropped = old.words & ~new.words
+        old_members = Plane(vol.nblocks, dropped).members()
+        for pb in range(old.plane_blocks):
+            sl = slice(pb * 512, (pb + 1) * 512)
+            if not np.array_equal(old.words[sl], new.words[sl]):
+                old.words[sl] = new.words[sl]
+                old.mark_dirty(pb)
+        vol.alloc.free_many(old_members)  # reusable once the next CP commits
+        vol.active = Image(vol.io, entry.inode_file, vol.alloc, vol._admit)
+        vol.alloc.recount()
+        vol.cp(force=True)
+

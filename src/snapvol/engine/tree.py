@@ -1,0 +1,343 @@
+"""Block trees: the pointers of one file, of uniform height (WAFL style).
+
+A tree has K top pointers (8 in an inode, 1 in a root-record TreeRoot) and a height h:
+with h = 0 the top pointers address data blocks directly; otherwise each addresses an
+indirect block of level h, and a level-L block holds 256 pointers to level L-1 blocks
+(level 0 is data). Node (L, i) covers file blocks [i * 256**L, (i + 1) * 256**L).
+
+Changes collect in memory (dirty data blocks, dirty indirect blocks). A consistency point
+calls `prepare` (give every changed block and its ancestors a new VBN, free the old ones)
+and then `encode` (checksum bottom-up, write the new pointers, hand blocks to the batch).
+The two are split because the active-plane file must reach a fixed point between them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Protocol
+
+import numpy as np
+
+from snapvol.engine.blockio import BlockIO, WriteBatch
+from snapvol.errors import FsError
+from snapvol.layout.checksum import block_checksum
+from snapvol.layout.constants import BLOCK_SIZE, MAX_HEIGHT, PTR_SHIFT, PTRS_PER_BLOCK
+from snapvol.layout.pointer import PTR_DTYPE, decode_node, empty_node
+
+ZERO_BLOCK = bytes(BLOCK_SIZE)
+_MASK = PTRS_PER_BLOCK - 1
+
+NodeKey = tuple[int, int]
+
+
+class BlockSpace(Protocol):
+    """What a tree needs from the allocator during a CP."""
+
+    def alloc(self, n: int) -> np.ndarray: ...
+
+    def free_many(self, vbns: np.ndarray) -> None: ...
+
+
+class BlockTree:
+    def __init__(self, io: BlockIO, top: np.ndarray, height: int,
+                 space: BlockSpace | None = None) -> None:
+        self.io = io
+        self.space = space  # None for a read-only tree (a snapshot, a committed image)
+        self.top = top  # K pointers; for an inode this is inode.ptrs itself
+        self.height = height
+        self.nodes: dict[NodeKey, np.ndarray] = {}
+        self.dirty_nodes: set[NodeKey] = set()
+        self.dirty_data: dict[int, bytes] = {}
+        self.fresh: dict[NodeKey, int] = {}
+        self.delta_blocks = 0  # change in blocks held, since the owner last looked
+
+    # ---- geometry -------------------------------------------------------------------
+    @property
+    def fanout_top(self) -> int:
+        return len(self.top)
+
+    def capacity(self, height: int | None = None) -> int:
+        h = self.height if height is None else height
+        return self.fanout_top << (PTR_SHIFT * h)
+
+    @property
+    def dirty(self) -> bool:
+        return bool(self.dirty_data or self.dirty_nodes)
+
+    # ---- reading ----------------------------------------------------------------------
+    def _ptr_of(self, level: int, idx: int) -> tuple[int, int]:
+        if level == self.height:
+            if idx >= self.fanout_top:
+                return 0, 0
+            p = self.top[idx]
+        else:
+            p = self.node(level + 1, idx >> PTR_SHIFT)[idx & _MASK]
+        return int(p["vbn"]), int(p["csum"])
+
+    def node(self, level: int, idx: int) -> np.ndarray:
+        key = (level, idx)
+        n = self.nodes.get(key)
+        if n is None:
+            vbn, csum = self._ptr_of(level, idx)
+            n = empty_node() if vbn == 0 else decode_node(self.io.read(vbn, csum))
+            self.nodes[key] = n
+        return n
+
+    def data_ptr(self, fbn: int) -> tuple[int, int]:
+        if fbn >= self.capacity():
+            return 0, 0
+        return self._ptr_of(0, fbn)
+
+    def read_block(self, fbn: int) -> bytes:
+        d = self.dirty_data.get(fbn)
+        if d is not None:
+            return d
+        vbn, csum = self.data_ptr(fbn)
+        return ZERO_BLOCK if vbn == 0 else self.io.read(vbn, csum)
+
+    def read_blocks(self, first: int, count: int) -> list[bytes]:
+        """Blocks [first, first+count), reading contiguous on-disk runs in one call."""
+        out: list[bytes] = []
+        run_vbn = -1
+        run_csums: list[int] = []
+
+        def close_run() -> None:
+            if run_csums:
+                out.extend(self.io.read_run(run_vbn, run_csums))
+                run_csums.clear()
+
+        for fbn in range(first, first + count):
+            d = self.dirty_data.get(fbn)
+            vbn, csum = (0, 0) if d is not None else self.data_ptr(fbn)
+            if d is None and vbn != 0 and run_csums and vbn == run_vbn + len(run_csums):
+                run_csums.append(csum)
+                continue
+            close_run()
+            if d is not None:
+                out.append(d)
+            elif vbn == 0:
+                out.append(ZERO_BLOCK)
+            else:
+                run_vbn = vbn
+                run_csums.append(csum)
+        close_run()
+        return out
+
+    # ---- changing -----------------------------------------------------------------
+    def _grow_to(self, fbn: int) -> None:
+        while fbn >= self.capacity():
+            if self.height >= MAX_HEIGHT:
+                raise FsError(27, "file too large: past the largest size a tree can address")
+            h = self.height + 1
+            node = empty_node()
+            node[: self.fanout_top] = self.top
+            self.top[:] = np.zeros(self.fanout_top, dtype=PTR_DTYPE)
+            self.nodes[(h, 0)] = node
+            self.dirty_nodes.add((h, 0))
+            self.height = h
+
+    def write_block(self, fbn: int, data: bytes) -> None:
+        if len(data) != BLOCK_SIZE:
+            raise ValueError("write_block takes whole blocks")
+        self._grow_to(fbn)
+        self.dirty_data[fbn] = data
+
+    def punch_block(self, fbn: int) -> None:
+        self.dirty_data.pop(fbn, None)
+        if fbn >= self.capacity():
+            return
+        vbn, _ = self._ptr_of(0, fbn)
+        if vbn:
+            self._set_ptr(0, fbn, 0, 0)
+            self._release([vbn])
+
+    def truncate_blocks(self, nblocks: int) -> None:
+        """Drop every block at or past `nblocks`, freeing what they held."""
+        for fbn in [f for f in self.dirty_data if f >= nblocks]:
+            del self.dirty_data[fbn]
+        self._pending_free: list[int] = []
+        for i in range(self.fanout_top):
+            lo = i << (PTR_SHIFT * self.height)
+            self._trim(self.height, i, lo, nblocks)
+        self._release(self._pending_free)
+        for key in [k for k in self.nodes if (k[1] << (PTR_SHIFT * k[0])) >= nblocks]:
+            self.nodes.pop(key)
+            self.dirty_nodes.discard(key)
+
+    def _trim(self, level: int, idx: int, lo: int, keep: int) -> None:
+        span = 1 << (PTR_SHIFT * level)
+        if lo + span <= keep:
+            return
+        vbn, _ = self._ptr_of(level, idx)
+        if lo >= keep:
+            if vbn == 0 and (level == 0 or (level, idx) not in self.nodes):
+                return
+            if level > 0:
+                self._collect(level, idx)
+            elif vbn:
+                self._pending_free.append(vbn)
+            self._set_ptr(level, idx, 0, 0)
+            return
+        # partially kept: recurse into the node
+        if vbn == 0 and (level, idx) not in self.nodes:
+            return
+        child_span = span >> PTR_SHIFT
+        for j in range(PTRS_PER_BLOCK):
+            c_lo = lo + j * child_span
+            if c_lo + child_span > keep:
+                self._trim(level - 1, (idx << PTR_SHIFT) + j, c_lo, keep)
+
+    def _collect(self, level: int, idx: int) -> None:
+        """Queue a whole subtree (node and everything under it) for freeing."""
+        vbn, _ = self._ptr_of(level, idx)
+        node = self.node(level, idx)
+        if vbn:
+            self._pending_free.append(vbn)
+        children = node["vbn"]
+        if level == 1:
+            self._pending_free.extend(int(v) for v in children[children != 0])
+        else:
+            for j in np.flatnonzero(children != 0):
+                self._collect(level - 1, (idx << PTR_SHIFT) + int(j))
+        self.nodes.pop((level, idx), None)
+        self.dirty_nodes.discard((level, idx))
+
+    def _set_ptr(self, level: int, idx: int, vbn: int, csum: int) -> None:
+        if level == self.height:
+            self.top[idx] = (vbn, csum)
+        else:
+            parent = (level + 1, idx >> PTR_SHIFT)
+            self.node(*parent)[idx & _MASK] = (vbn, csum)
+            self.dirty_nodes.add(parent)
+            self._dirty_ancestors(parent)
+
+    def _dirty_ancestors(self, key: NodeKey) -> None:
+        level, idx = key
+        while level < self.height:
+            level, idx = level + 1, idx >> PTR_SHIFT
+            if (level, idx) in self.dirty_nodes:
+                break
+            self.node(level, idx)
+            self.dirty_nodes.add((level, idx))
+
+    def _release(self, vbns: list[int]) -> None:
+        if not vbns:
+            return
+        if self.space is None:
+            raise FsError(30, "read-only: this tree belongs to a snapshot or a read-only volume")
+        self.space.free_many(np.array(vbns, dtype=np.uint64))
+        self.delta_blocks -= len(vbns)
+
+    # ---- consistency point --------------------------------------------------------------
+    def prepare(self, fbns: Iterable[int] | None = None) -> None:
+        """Give new VBNs to the changed data blocks `fbns` (default: the dirty ones) and
+        to every indirect block above them; free the VBNs they replace."""
+        space = self.space
+        assert space is not None, "prepare on a read-only tree"
+        freed: list[np.ndarray] = []
+        want = self.dirty_data.keys() if fbns is None else fbns
+        todo = np.array(sorted(f for f in want if (0, f) not in self.fresh), dtype=np.int64)
+        if len(todo):
+            self._grow_to(int(todo[-1]))
+            new = space.alloc(len(todo))
+            self.delta_blocks += len(todo)
+            if self.height == 0:
+                old = self.top["vbn"][todo]
+                freed.append(old[old != 0])
+            else:
+                parents = todo >> PTR_SHIFT
+                bounds = np.flatnonzero(np.diff(parents)) + 1
+                for group in np.split(np.arange(len(todo)), bounds):
+                    p = int(parents[group[0]])
+                    node = self.node(1, p)
+                    old = node["vbn"][todo[group] & _MASK]
+                    freed.append(old[old != 0])
+                    key = (1, p)
+                    if key not in self.dirty_nodes:
+                        self.dirty_nodes.add(key)
+                        self._dirty_ancestors(key)
+            for f, v in zip(todo.tolist(), new.tolist(), strict=True):
+                self.fresh[(0, f)] = v
+        nodes = sorted((k for k in self.dirty_nodes if k not in self.fresh), reverse=True)
+        if nodes:
+            new = space.alloc(len(nodes))
+            self.delta_blocks += len(nodes)
+            olds = []
+            for key, v in zip(nodes, new.tolist(), strict=True):
+                old, _ = self._ptr_of(*key)
+                if old:
+                    olds.append(old)
+                self.fresh[key] = v
+            freed.append(np.array(olds, dtype=np.uint64))
+        freed = [a for a in freed if len(a)]
+        if freed:
+            allfree = np.concatenate(freed).astype(np.uint64)
+            self.delta_blocks -= len(allfree)
+            space.free_many(allfree)
+
+    def encode(self, batch: WriteBatch, data_of: Callable[[int], bytes] | None = None) -> None:
+        """Checksum and place every block `prepare` gave a VBN, bottom-up."""
+        get = self.dirty_data.__getitem__ if data_of is None else data_of
+        data_keys = sorted(f for (lvl, f) in self.fresh if lvl == 0)
+        if data_keys:
+            fbns = np.array(data_keys, dtype=np.int64)
+            vbns = np.array([self.fresh[(0, f)] for f in data_keys], dtype=np.uint64)
+            csums = np.empty(len(data_keys), dtype=np.uint64)
+            for i, (f, v) in enumerate(zip(data_keys, vbns.tolist(), strict=True)):
+                d = get(f)
+                csums[i] = block_checksum(d, v)
+                batch.add(v, d)
+            self._place(0, fbns, vbns, csums)
+        for level in range(1, self.height + 1):
+            keys = sorted(i for (lvl, i) in self.dirty_nodes if lvl == level)
+            if not keys:
+                continue
+            vbns = np.array([self.fresh[(level, i)] for i in keys], dtype=np.uint64)
+            csums = np.empty(len(keys), dtype=np.uint64)
+            for j, (i, v) in enumerate(zip(keys, vbns.tolist(), strict=True)):
+                d = self.nodes[(level, i)].tobytes()
+                c = block_checksum(d, v)
+                csums[j] = c
+                batch.add(v, d)
+                self.io.remember_written(v, c, d)
+            self._place(level, np.array(keys, dtype=np.int64), vbns, csums)
+        self.dirty_nodes.clear()
+        self.dirty_data.clear()
+        self.fresh.clear()
+
+    def _place(self, level: int, idxs: np.ndarray, vbns: np.ndarray, csums: np.ndarray) -> None:
+        if level == self.height:
+            self.top["vbn"][idxs] = vbns
+            self.top["csum"][idxs] = csums
+            return
+        parents = idxs >> PTR_SHIFT
+        bounds = np.flatnonzero(np.diff(parents)) + 1
+        for group in np.split(np.arange(len(idxs)), bounds):
+            node = self.nodes[(level + 1, int(parents[group[0]]))]
+            slots = idxs[group] & _MASK
+            node["vbn"][slots] = vbns[group]
+            node["csum"][slots] = csums[group]
+
+    def trim_cache(self, keep: int = 4096) -> None:
+        """Forget clean decoded indirect blocks when many are loaded (outside a CP)."""
+        if len(self.nodes) > keep and not self.dirty_nodes:
+            self.nodes.clear()
+
+    # ---- walking (fsck, space accounting) -------------------------------------------------
+    def walk(self, visit: Callable[[int, int, int, int], None]) -> None:
+        """Call visit(level, idx, vbn, csum) for every non-hole pointer of the committed
+        tree, parents before children. Reads (and so verifies) every indirect block."""
+        for i in range(self.fanout_top):
+            vbn, csum = int(self.top[i]["vbn"]), int(self.top[i]["csum"])
+            if vbn:
+                self._walk(self.height, i, vbn, csum, visit)
+
+    def _walk(self, level: int, idx: int, vbn: int, csum: int,
+              visit: Callable[[int, int, int, int], None]) -> None:
+        visit(level, idx, vbn, csum)
+        if level == 0:
+            return
+        node = decode_node(self.io.read(vbn, csum))
+        for j in np.flatnonzero(node["vbn"] != 0).tolist():
+            self._walk(level - 1, (idx << PTR_SHIFT) + j, int(node[j]["vbn"]),
+                       int(node[j]["csum"]), visit)

@@ -1,0 +1,388 @@
+"""A volume: the superblock, the two root slots, the planes, consistency points.
+
+A CP (DESIGN.md §3.2) gives every change a new place: user files and directories first,
+then the inode file, then the snapshot table and the summary plane, and last the active
+plane, which is iterated to a fixed point because placing its own blocks changes its bits.
+All those blocks are written and flushed before the root record goes to the older slot.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import threading
+import time
+import uuid as uuidlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+
+import numpy as np
+
+from snapvol.device import Device, ImageDevice, create_image
+from snapvol.device.lock import VolumeLock
+from snapvol.engine.allocator import Allocator
+from snapvol.engine.blockio import BlockIO, WriteBatch
+from snapvol.engine.image import Image
+from snapvol.engine.tree import ZERO_BLOCK, BlockTree
+from snapvol.errors import FsError, VolumeError
+from snapvol.layout.constants import (
+    BLOCK_SIZE,
+    FIRST_DATA_VBN,
+    INOMAP_INO,
+    ROOT_INO,
+    ROOT_SLOT_VBNS,
+    SUPERBLOCK_VBN,
+)
+from snapvol.layout.pointer import PTR_DTYPE, Pointer
+from snapvol.layout.records import RecordError, RootRecord, Superblock, TreeRoot
+from snapvol.planes import Plane
+
+MIN_BLOCKS = 256
+DEFAULT_CP_INTERVAL = 10.0
+DEFAULT_DIRTY_LIMIT = 256 << 20
+
+
+def tree_of(io: BlockIO, root: TreeRoot, space: Allocator | None = None) -> BlockTree:
+    top = np.zeros(1, dtype=PTR_DTYPE)
+    top[0] = (root.ptr.vbn, root.ptr.csum)
+    return BlockTree(io, top, root.height, space)
+
+
+def root_of(tree: BlockTree, nblocks: int) -> TreeRoot:
+    p = tree.top[0]
+    return TreeRoot(Pointer(int(p["vbn"]), int(p["csum"])), tree.height, nblocks)
+
+
+def tree_vbns(io: BlockIO, root: TreeRoot) -> np.ndarray:
+    """Every VBN a tree occupies (indirect and data blocks), verifying each indirect."""
+    out: list[int] = []
+    tree_of(io, root).walk(lambda level, idx, vbn, csum: out.append(vbn))
+    return np.array(out, dtype=np.uint64)
+
+
+def load_plane(io: BlockIO, root: TreeRoot, nblocks: int) -> Plane:
+    plane = Plane.zeros(nblocks)
+    tree = tree_of(io, root)
+    step = 256
+    for first in range(0, plane.plane_blocks, step):
+        count = min(step, plane.plane_blocks - first)
+        for i, data in enumerate(tree.read_blocks(first, count)):
+            if data is not ZERO_BLOCK:
+                plane.load_block(first + i, data)
+    plane.mark_clean()
+    return plane
+
+
+@dataclass(frozen=True, slots=True)
+class CPStats:
+    cp_count: int
+    blocks_written: int
+    seconds: float
+
+
+class Volume:
+    """An open volume. Use `Volume.create` / `Volume.open`, or as a context manager."""
+
+    def __init__(self, dev: Device, path: str, lock: VolumeLock | None,
+                 writable: bool, fresh: Superblock | None = None) -> None:
+        self.dev = dev
+        self.path = path
+        self._lock = lock
+        self.writable = writable
+        self.io = BlockIO(dev)
+        self.mutex = threading.RLock()
+        self.cp_interval = DEFAULT_CP_INTERVAL
+        self.dirty_limit = DEFAULT_DIRTY_LIMIT
+        self.cp_hooks: list[Callable[[CPStats], None]] = []
+        self._timer: threading.Thread | None = None
+        self._stop = threading.Event()
+        self.closed = False
+        self.last_cp_time = time.monotonic()
+        if fresh is not None:
+            self.sb, self.nblocks = fresh, fresh.nblocks
+            self.root = RootRecord(0, fresh.created_ns, fresh.uuid, fresh.nblocks)
+            self._load(fresh=True)
+            return
+        try:
+            self.sb = Superblock.decode(dev.read(SUPERBLOCK_VBN))
+        except RecordError as e:
+            raise VolumeError(f"{path} is not a snapvol volume ({e})") from None
+        if self.sb.nblocks > dev.nblocks:
+            raise VolumeError(
+                f"{path} is truncated: the volume has {self.sb.nblocks} blocks but the "
+                f"image holds {dev.nblocks}"
+            )
+        self.nblocks = self.sb.nblocks
+        self.root = self._read_root()
+        self._load()
+
+    # ---- opening ------------------------------------------------------------------------
+    @classmethod
+    def create(cls, path: str | os.PathLike[str], size: int) -> Volume:
+        """Make a new volume in a new sparse image file and open it for writing."""
+        path = os.fspath(path)
+        if size < MIN_BLOCKS * BLOCK_SIZE:
+            raise VolumeError(f"size {size} is too small: a volume needs at least "
+                              f"{MIN_BLOCKS * BLOCK_SIZE // 1024} KiB")
+        create_image(path, size)
+        dev = ImageDevice(path, writable=True)
+        try:
+            cls.format(dev)
+        except BaseException:
+            dev.close()
+            Path(path).unlink(missing_ok=True)
+            raise
+        dev.close()
+        return cls.open(path)
+
+    @classmethod
+    def format(cls, dev: Device) -> None:
+        """Write an empty file system onto `dev` (superblock, root directory, CP 1)."""
+        nblocks = dev.nblocks
+        if nblocks < MIN_BLOCKS:
+            raise VolumeError(f"device too small: {nblocks} blocks, at least {MIN_BLOCKS}")
+        now = time.time_ns()
+        sb = Superblock(nblocks, uuidlib.uuid4().bytes, now)
+        dev.write(SUPERBLOCK_VBN, sb.encode())
+        for vbn in ROOT_SLOT_VBNS:
+            dev.write(vbn, ZERO_BLOCK)
+        vol = cls(dev, "<format>", None, True, fresh=sb)
+        inomap = vol.active.create_reserved(INOMAP_INO, stat.S_IFREG, now)
+        inomap.inode.flags = 1
+        rootdir = vol.active.create_reserved(ROOT_INO, stat.S_IFDIR | 0o755, now)
+        rootdir.inode.nlink = 2
+        vol.active.format_directory(rootdir, ROOT_INO)
+        vol.snaps_dirty = True
+        vol.cp(force=True)
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str], writable: bool = True) -> Volume:
+        path = os.fspath(path)
+        dev = ImageDevice(path, writable=writable)
+        try:
+            lock = VolumeLock.acquire(dev.fd, path, exclusive=writable)
+        except BaseException:
+            dev.close()
+            raise
+        try:
+            return cls(dev, path, lock, writable)
+        except BaseException:
+            lock.release()
+            dev.close()
+            raise
+
+    @classmethod
+    def on_device(cls, dev: Device, writable: bool = True) -> Volume:
+        """Open a volume on an already-open device (tests, crash simulation)."""
+        return cls(dev, "<device>", None, writable)
+
+    def _read_root(self) -> RootRecord:
+        best: RootRecord | None = None
+        problems = []
+        for vbn in ROOT_SLOT_VBNS:
+            try:
+                rec = RootRecord.decode(self.dev.read(vbn))
+            except RecordError as e:
+                problems.append(f"slot {vbn}: {e}")
+                continue
+            if rec.uuid != self.sb.uuid:
+                problems.append(f"slot {vbn}: belongs to another volume")
+                continue
+            if best is None or rec.cp_count > best.cp_count:
+                best = rec
+        if best is None:
+            raise VolumeError(f"{self.path}: no valid root record ({'; '.join(problems)}); "
+                              "the image is damaged")
+        return best
+
+    def _load(self, fresh: bool = False) -> None:
+        from snapvol.engine.snapshots import SnapshotTable
+
+        n = self.nblocks
+        if fresh:
+            active, summary = Plane.zeros(n), Plane.zeros(n)
+            active.set_range(0, FIRST_DATA_VBN)
+            for pb in range(active.plane_blocks):
+                active.mark_dirty(pb)
+                summary.mark_dirty(pb)
+        else:
+            active = load_plane(self.io, self.root.active_plane, n)
+            summary = load_plane(self.io, self.root.summary_plane, n)
+        self.alloc = Allocator(n, active, summary) if self.writable else None
+        self.active_plane, self.summary_plane = active, summary
+        space = self.alloc
+        self.active_tree = tree_of(self.io, self.root.active_plane, space)
+        self.summary_tree = tree_of(self.io, self.root.summary_plane, space)
+        self.snap_tree = tree_of(self.io, self.root.snap_table, space)
+        self.snapshots = SnapshotTable.load(self.snap_tree, self.root.snap_table.nblocks)
+        self.snaps_dirty = False
+        self.active = Image(self.io, self.root.inode_file, space,
+                            self._admit if space is not None else None)
+
+    # ---- space --------------------------------------------------------------------------
+    @property
+    def meta_reserve(self) -> int:
+        """Blocks kept back from file data so deletions can always commit on a full volume."""
+        return max(64, min(8192, self.nblocks // 100)) + self.active_plane.plane_blocks
+
+    def _admit(self, n: int, meta: bool) -> None:
+        assert self.alloc is not None
+        need = self.active.pending_blocks() + n + (0 if meta else self.meta_reserve)
+        if need <= self.alloc.free:
+            return
+        if self.alloc._deferred_list and not self._in_cp:
+            self.cp()  # blocks freed since the last CP become free at commit
+            need = self.active.pending_blocks() + n + (0 if meta else self.meta_reserve)
+            if need <= self.alloc.free:
+                return
+        raise FsError(28, f"no space left on volume {self.path} ({self.alloc.free} blocks "
+                          "free): delete files or snapshots to make room")
+
+    _in_cp = False
+
+    def usage(self) -> dict[str, int]:
+        """Space figures in blocks: total, used (active), snapshot-only, free."""
+        from snapvol.planes.algebra import count_difference
+
+        used = self.active_plane.count()
+        snap_only = count_difference(self.summary_plane, self.active_plane)
+        free = self.alloc.free if self.alloc is not None else self.nblocks - used - snap_only
+        return {"total": self.nblocks, "used": used, "snapshot_only": snap_only, "free": free}
+
+    # ---- consistency points ----------------------------------------------------------------
+    @property
+    def dirty(self) -> bool:
+        return self.active.dirty or self.snaps_dirty or bool(
+            self.summary_plane.dirty_blocks()) or bool(
+            self.alloc is not None and self.alloc._deferred_list)
+
+    def cp(self, force: bool = False) -> CPStats | None:
+        """Commit every change as one consistency point. Returns None if nothing changed."""
+        with self.mutex:
+            if not self.writable:
+                raise FsError(30, f"{self.path} is open read-only")
+            if not (force or self.dirty):
+                return None
+            t0 = time.perf_counter()
+            self._in_cp = True
+            try:
+                stats = self._cp(t0)
+            finally:
+                self._in_cp = False
+            for hook in self.cp_hooks:
+                hook(stats)
+            return stats
+
+    def _cp(self, t0: float) -> CPStats:
+        alloc = self.alloc
+        assert alloc is not None
+        batch = WriteBatch()
+        inode_root = self.active.flush(batch)
+        if self.snaps_dirty:
+            self.snapshots.write_into(self.snap_tree)
+            if self.snap_tree.dirty:
+                self.snap_tree.prepare()
+        summary = self.summary_plane
+        self._prepare_plane(self.summary_tree, summary)
+        active = self.active_plane
+        self._prepare_plane(self.active_tree, active)
+        self.snap_tree.encode(batch)
+        self.summary_tree.encode(batch, summary.block_bytes)
+        self.active_tree.encode(batch, active.block_bytes)
+        nwritten = len(batch)
+        batch.write_to(self.dev)
+        self.dev.flush()
+        root = RootRecord(
+            cp_count=self.root.cp_count + 1,
+            time_ns=time.time_ns(),
+            uuid=self.sb.uuid,
+            nblocks=self.nblocks,
+            inode_file=inode_root,
+            active_plane=root_of(self.active_tree, active.plane_blocks),
+            summary_plane=root_of(self.summary_tree, summary.plane_blocks),
+            snap_table=root_of(self.snap_tree, self.snapshots.nblocks),
+            next_snap_id=self.snapshots.next_id,
+        )
+        slot = ROOT_SLOT_VBNS[root.cp_count % 2]
+        self.dev.write(slot, root.encode())
+        self.dev.flush()
+        self.root = root
+        alloc.commit()
+        active.mark_clean()
+        summary.mark_clean()
+        self.snaps_dirty = False
+        self.last_cp_time = time.monotonic()
+        return CPStats(root.cp_count, nwritten + 1, time.perf_counter() - t0)
+
+    def _prepare_plane(self, tree: BlockTree, plane: Plane) -> None:
+        """Place the changed blocks of a plane file, to a fixed point for the active plane:
+        placing them allocates and frees blocks, which changes more plane blocks."""
+        while True:
+            pending = [pb for pb in sorted(plane.dirty_blocks()) if (0, pb) not in tree.fresh]
+            if not pending:
+                return
+            tree.prepare(pending)
+
+    def maybe_cp(self) -> None:
+        """A CP if the dirty data passed its limit or the timer is due (called on writes)."""
+        if self.active.dirty_data_blocks * BLOCK_SIZE >= self.dirty_limit or (
+            time.monotonic() - self.last_cp_time >= self.cp_interval and self.dirty
+        ):
+            self.cp()
+
+    def start_cp_timer(self, interval: float | None = None) -> None:
+        """Run a CP every `interval` seconds (10 by default) while anything is dirty."""
+        if interval is not None:
+            self.cp_interval = interval
+        if self._timer is not None:
+            return
+        self._stop.clear()
+
+        def run() -> None:
+            while not self._stop.wait(self.cp_interval / 4):
+                if time.monotonic() - self.last_cp_time >= self.cp_interval:
+                    with self.mutex:
+                        if not self.closed and self.dirty:
+                            self.cp()
+
+        self._timer = threading.Thread(target=run, name="snapvol-cp-timer", daemon=True)
+        self._timer.start()
+
+    # ---- snapshots (see snapshots.py) --------------------------------------------------------
+    def snapshot_image(self, name: str) -> Image:
+        """A read-only view of snapshot `name`."""
+        entry = self.snapshots.get(name)
+        return Image(self.io, entry.inode_file)
+
+    # ---- closing ----------------------------------------------------------------------------
+    def close(self) -> None:
+        if self.closed:
+            return
+        self._stop.set()
+        if self._timer is not None:
+            self._timer.join()
+            self._timer = None
+        try:
+            if self.writable:
+                self.cp()
+        finally:
+            self.closed = True
+            if self._lock is not None:
+                self._lock.release()
+            self.dev.close()
+
+    def abandon(self) -> None:
+        """Drop the volume without a final CP (what a crash does); for tests and errors."""
+        self._stop.set()
+        self.closed = True
+        if self._lock is not None:
+            self._lock.release()
+
+    def __enter__(self) -> Volume:
+        return self
+
+    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()

@@ -1,0 +1,62 @@
+"""Snapshot table entries (512 bytes, 8 per block, 255 entries at most).
+
+An entry keeps the snapshot's identity (name, GUID, CP count, creation time) and the roots
+of its image: the four trees of that CP's root record (inode file, active plane,
+summary plane, snapshot table). The snapshot's
+own bitplane is that plane file, read through the saved root (DESIGN.md §3.4).
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+from snapvol.layout.constants import MAX_NAME, SNAP_ENTRY_SIZE
+from snapvol.layout.records import TreeRoot
+
+SNAP_IN_USE = 1
+SNAP_SHADOW = 2
+
+_FMT = struct.Struct("<IHH16sQqQ")
+_TREES_AT = 64
+_NAME_AT = 256
+
+
+@dataclass(frozen=True, slots=True)
+class SnapEntry:
+    snap_id: int
+    name: str
+    guid: bytes
+    cp_count: int
+    created_ns: int
+    inode_file: TreeRoot
+    active_plane: TreeRoot
+    summary_plane: TreeRoot
+    snap_table: TreeRoot
+    flags: int = SNAP_IN_USE
+
+    def encode(self) -> bytes:
+        raw = self.name.encode()
+        if not 0 < len(raw) <= MAX_NAME:
+            raise ValueError("snapshot name must be 1 to 255 bytes")
+        head = _FMT.pack(self.flags, len(raw), 0, self.guid, self.cp_count, self.created_ns,
+                         self.snap_id)
+        head += bytes(_TREES_AT - len(head))
+        trees = b"".join(t.encode() for t in self.trees)
+        body = head + trees
+        body += bytes(_NAME_AT - len(body)) + raw
+        return body + bytes(SNAP_ENTRY_SIZE - len(body))
+
+    @classmethod
+    def decode(cls, data: bytes | memoryview) -> SnapEntry | None:
+        flags, nlen, _pad, guid, cp, created, snap_id = _FMT.unpack_from(data)
+        if not flags & SNAP_IN_USE:
+            return None
+        trees = [TreeRoot.decode(data[_TREES_AT + i * TreeRoot.SIZE :]) for i in range(4)]
+        name = bytes(data[_NAME_AT : _NAME_AT + nlen]).decode()
+        return cls(snap_id, name, guid, cp, created, *trees, flags=flags)
+
+    @property
+    def trees(self) -> tuple[TreeRoot, TreeRoot, TreeRoot, TreeRoot]:
+        """The four trees of the snapshot's CP root, in root-record order."""
+        return (self.inode_file, self.active_plane, self.summary_plane, self.snap_table)
