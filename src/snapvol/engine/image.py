@@ -38,6 +38,7 @@ ENOENT, ENOSPC, EROFS, E2BIG, ENODATA, EFBIG = 2, 28, 30, 7, 61, 27
 XATTR_NAME_MAX = 255
 XATTR_SIZE_MAX = 65536
 INODE_FLAG_XATTR = 1  # the inode holds another inode's xattrs, not user data
+INODE_FLAG_SYSTEM = 2  # a fixed metadata inode (the inode map)
 
 
 @dataclass(slots=True, eq=False)

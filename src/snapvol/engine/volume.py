@@ -24,7 +24,7 @@ from snapvol.device import Device, ImageDevice, create_image
 from snapvol.device.lock import VolumeLock
 from snapvol.engine.allocator import Allocator
 from snapvol.engine.blockio import BlockIO, WriteBatch
-from snapvol.engine.image import Image
+from snapvol.engine.image import INODE_FLAG_SYSTEM, Image
 from snapvol.engine.tree import ZERO_BLOCK, BlockTree
 from snapvol.errors import FsError, VolumeError
 from snapvol.layout.constants import (
@@ -150,7 +150,7 @@ class Volume:
             dev.write(vbn, ZERO_BLOCK)
         vol = cls(dev, "<format>", None, True, fresh=sb)
         inomap = vol.active.create_reserved(INOMAP_INO, stat.S_IFREG, now)
-        inomap.inode.flags = 1
+        inomap.inode.flags = INODE_FLAG_SYSTEM
         rootdir = vol.active.create_reserved(ROOT_INO, stat.S_IFDIR | 0o755, now)
         rootdir.inode.nlink = 2
         vol.active.format_directory(rootdir, ROOT_INO)
