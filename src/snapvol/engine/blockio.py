@@ -51,7 +51,7 @@ class BlockIO:
         missing = any((vbn + i, c) not in self._cache for i, c in enumerate(csums))
         if not missing:
             return [self.read(vbn + i, c) for i, c in enumerate(csums)]
-        if not 0 < vbn or vbn + n > self.dev.nblocks:
+        if not vbn > 0 or vbn + n > self.dev.nblocks:
             raise CorruptionError(f"block run {vbn}+{n} is outside the volume")
         raw = self.dev.read(vbn, n)
         self.reads += n

@@ -240,7 +240,7 @@ def check(vol: Volume, progress: Progress | None = None) -> FsckReport:
             report.bump("images")
         summary = load_plane(vol.io, r.summary_plane, vol.nblocks)
         want = union(*planes[1:]) if len(planes) > 1 else Plane.zeros(vol.nblocks)
-        if not summary == want:
+        if summary != want:
             report.add("summary plane", "is not the union of the snapshot planes")
         report.stats["snapshots"] = len(images) - 1
         report.stats["bytes_used"] = planes[0].count() * BLOCK_SIZE if planes else 0

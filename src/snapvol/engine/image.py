@@ -25,7 +25,6 @@ from snapvol.layout.constants import (
     INODES_PER_BLOCK,
     INOMAP_INO,
     MAX_FILE_SIZE,
-    ROOT_INO,
 )
 from snapvol.layout.inode import Inode
 from snapvol.layout.pointer import PTR_DTYPE, Pointer
@@ -235,7 +234,7 @@ class Image:
             for b in full[:2].tolist():
                 byte = int(view[b])
                 for bit in range(8):
-                    ino = ((b0 + b) << 3) + bit
+                    ino = ((b0 + int(b)) << 3) + bit
                     if ino >= start and not byte & (1 << bit):
                         return ino
         return max(len(bits) * 8, FIRST_USER_INO)

@@ -264,9 +264,9 @@ class BlockTree:
             self.delta_blocks += len(nodes)
             olds = []
             for key, v in zip(nodes, new.tolist(), strict=True):
-                old, _ = self._ptr_of(*key)
-                if old:
-                    olds.append(old)
+                old_vbn, _ = self._ptr_of(*key)
+                if old_vbn:
+                    olds.append(old_vbn)
                 self.fresh[key] = v
             freed.append(np.array(olds, dtype=np.uint64))
         freed = [a for a in freed if len(a)]

@@ -412,7 +412,7 @@ class FileSystem:
 
     def _exchange(self, img: Image, sp: Node, sd: object, se: object, dp: Node, dd: object,
                   de: object, now: int) -> None:
-        from snapvol.engine.directory import DirEntry, Directory
+        from snapvol.engine.directory import Directory, DirEntry
 
         assert isinstance(sd, Directory) and isinstance(dd, Directory)
         assert isinstance(se, DirEntry) and isinstance(de, DirEntry)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from snapvol.layout.checksum import record_checksum
 from snapvol.layout.constants import BLOCK_SIZE, FORMAT_VERSION
-from snapvol.layout.pointer import Pointer
+from snapvol.layout.pointer import HOLE, Pointer
 
 SUPER_MAGIC = b"SNAPVOL\x00"
 ROOT_MAGIC = b"SVROOT\x00\x00"
@@ -32,7 +32,7 @@ class TreeRoot:
     addresses an indirect block of level h covering 256**h blocks.
     """
 
-    ptr: Pointer = Pointer()
+    ptr: Pointer = HOLE
     height: int = 0
     nblocks: int = 0
 
@@ -72,9 +72,11 @@ class Superblock:
         body, (csum,) = data[: BLOCK_SIZE - 8], struct.unpack("<Q", data[BLOCK_SIZE - 8 :])
         if record_checksum(body) != csum:
             raise RecordError("superblock checksum mismatch")
-        magic, version, bsize, nblocks, uid, created = cls._FMT.unpack_from(data)
+        _magic, version, bsize, nblocks, uid, created = cls._FMT.unpack_from(data)
         if version != FORMAT_VERSION:
-            raise RecordError(f"format version {version} is not supported (this is {FORMAT_VERSION})")
+            raise RecordError(
+                f"format version {version} is not supported (this is {FORMAT_VERSION})"
+            )
         if bsize != BLOCK_SIZE:
             raise RecordError(f"block size {bsize} is not supported")
         return cls(nblocks, uid, created, version, bsize)
@@ -123,9 +125,9 @@ class RootRecord:
         body, (csum,) = data[: BLOCK_SIZE - 8], struct.unpack("<Q", data[BLOCK_SIZE - 8 :])
         if record_checksum(body) != csum:
             raise RecordError("root record checksum mismatch")
-        magic, version, _flags, cp, t, uid, nblocks, next_snap = cls._HEAD.unpack_from(data)
+        _magic, version, _flags, cp, t, uid, nblocks, next_snap = cls._HEAD.unpack_from(data)
         if version != FORMAT_VERSION:
             raise RecordError(f"root record version {version} is not supported")
         at = cls.TREES_AT
-        trees = [TreeRoot.decode(data[at + i * TreeRoot.SIZE :]) for i in range(4)]
-        return cls(cp, t, uid, nblocks, *trees, next_snap_id=next_snap, version=version)
+        ino, act, summ, snap = (TreeRoot.decode(data[at + i * TreeRoot.SIZE :]) for i in range(4))
+        return cls(cp, t, uid, nblocks, ino, act, summ, snap, next_snap, version)

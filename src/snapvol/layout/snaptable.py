@@ -52,9 +52,11 @@ class SnapEntry:
         flags, nlen, _pad, guid, cp, created, snap_id = _FMT.unpack_from(data)
         if not flags & SNAP_IN_USE:
             return None
-        trees = [TreeRoot.decode(data[_TREES_AT + i * TreeRoot.SIZE :]) for i in range(4)]
+        ino, act, summ, snap = (
+            TreeRoot.decode(data[_TREES_AT + i * TreeRoot.SIZE :]) for i in range(4)
+        )
         name = bytes(data[_NAME_AT : _NAME_AT + nlen]).decode()
-        return cls(snap_id, name, guid, cp, created, *trees, flags=flags)
+        return cls(snap_id, name, guid, cp, created, ino, act, summ, snap, flags)
 
     @property
     def trees(self) -> tuple[TreeRoot, TreeRoot, TreeRoot, TreeRoot]:
