@@ -38,6 +38,7 @@ XATTR_NAME_MAX = 255
 XATTR_SIZE_MAX = 65536
 INODE_FLAG_XATTR = 1  # the inode holds another inode's xattrs, not user data
 INODE_FLAG_SYSTEM = 2  # a fixed metadata inode (the inode map)
+NODE_CACHE_SIZE = 65536  # loaded inodes kept after a CP
 
 
 @dataclass(slots=True, eq=False)
@@ -429,6 +430,17 @@ class Image:
             self.itree.encode(batch)
         self.itree.trim_cache()
         return self.root()
+
+    def evict_clean(self, keep: int = NODE_CACHE_SIZE) -> None:
+        """Forget loaded inodes beyond `keep` that hold no unwritten change and no open
+        handle; they are read again (through the block cache) when next used. Only call
+        between operations: a caller in the middle of one may hold a Node."""
+        if len(self.nodes) <= keep:
+            return
+        busy = self.dirty_records | self.dirty_trees | self.dirty_dirs
+        for ino in [i for i, n in self.nodes.items()
+                    if i not in busy and n.opened == 0 and i not in (INOMAP_INO, ROOT_INO)]:
+            del self.nodes[ino]
 
     def pending_blocks(self) -> int:
         """Blocks the next CP needs at most for what is dirty now (an overestimate)."""

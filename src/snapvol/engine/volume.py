@@ -42,6 +42,7 @@ from snapvol.planes import Plane
 MIN_BLOCKS = 256
 DEFAULT_CP_INTERVAL = 10.0
 DEFAULT_DIRTY_LIMIT = 256 << 20
+DIRTY_INODE_LIMIT = 100_000  # changed inodes that trigger a CP (they hold memory until one)
 
 
 def tree_of(io: BlockIO, root: TreeRoot, space: Allocator | None = None) -> BlockTree:
@@ -326,11 +327,14 @@ class Volume:
             tree.prepare(pending)
 
     def maybe_cp(self) -> None:
-        """A CP if the dirty data passed its limit or the timer is due (called on writes)."""
-        if self.active.dirty_data_blocks * BLOCK_SIZE >= self.dirty_limit or (
+        """A CP if the dirty data passed its limit or the timer is due. Called by the POSIX
+        layer at the end of each changing operation, when no Node is held."""
+        if self.active.dirty_data_blocks * BLOCK_SIZE >= self.dirty_limit or len(
+            self.active.dirty_records) >= DIRTY_INODE_LIMIT or (
             time.monotonic() - self.last_cp_time >= self.cp_interval and self.dirty
         ):
             self.cp()
+            self.active.evict_clean()
 
     def start_cp_timer(self, interval: float | None = None) -> None:
         """Run a CP every `interval` seconds (10 by default) while anything is dirty."""
