@@ -161,5 +161,5 @@ def _command_line(pid: int, limit: int = 120) -> str:
     if interpreter and len(words) > 1 and not words[1].startswith("-"):
         words = words[1:]
     words[0] = os.path.basename(words[0])
-    text = " ".join(words)
+    text = " ".join(" ".join(words).split())  # one line, whatever the arguments hold
     return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -189,9 +189,12 @@ def find_free(
     runs: list[tuple[int, int]] = []
     remaining = want
     for lo, hi in ((start, nblocks), (0, start)):
-        for starts, ends in _free_runs(busy, lo, hi):
+        for starts, ends, chunk_end in _free_runs(busy, lo, hi):
             remaining = _take_runs(runs, starts, ends, remaining, limit)
-            if remaining == 0 or len(runs) == limit:
+            if remaining == 0:
+                return runs
+            # At the run limit, go on only if the next chunk may extend the last run.
+            if len(runs) == limit and sum(runs[-1]) != chunk_end:
                 return runs
     return runs
 
@@ -213,7 +216,7 @@ def _take_runs(
         runs[-1] = (runs[-1][0], runs[-1][1] + take)
         remaining -= take
         skip = 1
-    if remaining == 0 or skip == lengths.size:
+    if remaining == 0 or skip == lengths.size or len(runs) == limit:
         return remaining
     totals = np.cumsum(lengths[skip:])
     count = min(int(np.searchsorted(totals, remaining)) + 1, totals.size)
@@ -230,8 +233,9 @@ def _take_runs(
 
 def _free_runs(
     busy: Sequence[Plane], lo: int, hi: int
-) -> Iterator[tuple[npt.NDArray[np.uint64], npt.NDArray[np.uint64]]]:
-    """Per chunk, the free runs in blocks [lo, hi) as arrays of starts and exclusive ends.
+) -> Iterator[tuple[npt.NDArray[np.uint64], npt.NDArray[np.uint64], int]]:
+    """Per chunk, the free runs in blocks [lo, hi) as arrays of starts and exclusive ends,
+    and the block where the chunk ends.
 
     Runs are cut at chunk edges (the caller joins them). A run starts at a free bit whose
     predecessor is busy and ends at a free bit whose successor is busy; both are found for
@@ -256,7 +260,7 @@ def _free_runs(
             base = np.uint64(part.start * 64)
             heads = bit_positions(_run_heads(free)) + base
             tails = bit_positions(_run_tails(free)) + base
-            yield heads, tails + np.uint64(1)
+            yield heads, tails + np.uint64(1), min(part.stop * 64, hi)
         word = part.stop
         size = min(size * 2, CHUNK_WORDS)
 

@@ -158,8 +158,21 @@ class Plane:
         return int(np.bitwise_count(self.words).sum(dtype=np.uint64))
 
     def members(self) -> npt.NDArray[np.uint64]:
-        """The set VBNs, sorted. Only words with a bit set are unpacked."""
-        return bit_positions(self.words)
+        """The set VBNs, sorted.
+
+        Two levels, so a sparse plane costs little: first the plane blocks with any bit
+        (one cheap reduction), then the set bits of just those blocks' words.
+        """
+        blocks = self.nonzero_blocks()
+        if blocks.size == self.plane_blocks:
+            return bit_positions(self.words)
+        held = self.words.reshape(-1, WORDS_PER_PLANE_BLOCK)[blocks].ravel()
+        positions = bit_positions(held)
+        shift = np.uint64(BITS_PER_PLANE_BLOCK.bit_length() - 1)
+        block_base = blocks.astype(np.uint64)[positions >> shift] << shift
+        offset = positions & np.uint64(BITS_PER_PLANE_BLOCK - 1)
+        found: npt.NDArray[np.uint64] = block_base | offset
+        return found
 
     def nonzero_blocks(self) -> npt.NDArray[np.intp]:
         """Indices of the plane blocks with any bit set (the blocks a sparse file stores)."""
@@ -334,7 +347,8 @@ def bit_positions(words: Words) -> npt.NDArray[np.uint64]:
     base = nonzero.astype(np.uint64) << np.uint64(6)
     single = (values & (values - one)) == 0
     if single.all():
-        return base + np.bitwise_count(values - one).astype(np.uint64)
+        found: npt.NDArray[np.uint64] = base + np.bitwise_count(values - one).astype(np.uint64)
+        return found
     ends = np.cumsum(np.bitwise_count(values), dtype=np.int64)
     out = np.empty(int(ends[-1]), dtype=np.uint64)
     single_slots = ends[single] - 1
