@@ -106,6 +106,8 @@ class Volume:
             self.root = RootRecord(0, fresh.created_ns, fresh.uuid, fresh.nblocks)
             self._load(fresh=True)
             return
+        if dev.nblocks < FIRST_DATA_VBN:  # not even a superblock and two root slots
+            raise VolumeError(f"{path} is not a snapvol volume (only {dev.nblocks} blocks)")
         try:
             self.sb = Superblock.decode(dev.read(SUPERBLOCK_VBN))
         except RecordError as e:
@@ -233,8 +235,10 @@ class Volume:
         need = self.active.pending_blocks() + n + (0 if meta else self.meta_reserve)
         if need <= self.alloc.free:
             return
-        if self.alloc._deferred_list and not self._in_cp:
-            self.cp()  # blocks freed since the last CP become free at commit
+        if (self.alloc._deferred_list or self.active.dirty) and not self._in_cp:
+            # Blocks freed since the last CP become free at commit, and committing turns
+            # the pessimistic estimate of what is dirty into exact usage.
+            self.cp()
             need = self.active.pending_blocks() + n + (0 if meta else self.meta_reserve)
             if need <= self.alloc.free:
                 return
@@ -319,12 +323,24 @@ class Volume:
 
     def _prepare_plane(self, tree: BlockTree, plane: Plane) -> None:
         """Place the changed blocks of a plane file, to a fixed point for the active plane:
-        placing them allocates and frees blocks, which changes more plane blocks."""
+        placing them allocates and frees blocks, which changes more plane blocks.
+
+        An all-zero plane block is kept as a hole, so a huge, mostly empty volume stores
+        (and loads) only the plane blocks that hold bits."""
+        rows = plane.words.reshape(-1, 512)
         while True:
-            pending = [pb for pb in sorted(plane.dirty_blocks()) if (0, pb) not in tree.fresh]
-            if not pending:
+            cand = np.array(sorted(pb for pb in plane.dirty_blocks()
+                                   if (0, pb) not in tree.fresh), dtype=np.int64)
+            nonzero = rows[cand].any(axis=1) if len(cand) else np.zeros(0, dtype=bool)
+            punched = False
+            for pb in cand[~nonzero].tolist():
+                if tree.data_ptr(pb)[0]:
+                    tree.punch_block(pb)
+                    punched = True
+            pending_nodes = any(k not in tree.fresh for k in tree.dirty_nodes)
+            if not punched and not nonzero.any() and not pending_nodes:
                 return
-            tree.prepare(pending)
+            tree.prepare(cand[nonzero].tolist())
 
     def maybe_cp(self) -> None:
         """A CP if the dirty data passed its limit or the timer is due. Called by the POSIX
