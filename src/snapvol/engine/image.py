@@ -25,6 +25,7 @@ from snapvol.layout.constants import (
     INODES_PER_BLOCK,
     INOMAP_INO,
     MAX_FILE_SIZE,
+    ROOT_INO,
 )
 from snapvol.layout.inode import Inode
 from snapvol.layout.pointer import PTR_DTYPE, Pointer
