@@ -27,7 +27,7 @@ from snapvol.layout.constants import (
 )
 from snapvol.layout.snaptable import SnapEntry
 from snapvol.planes import Plane
-from snapvol.planes.algebra import union_into
+from snapvol.planes.algebra import union_into_blocks
 
 if TYPE_CHECKING:
     from snapvol.engine.volume import Volume
@@ -38,6 +38,10 @@ class SnapshotError(SnapvolError):
 
 
 def check_snapshot_name(name: str) -> None:
+    try:
+        name.encode("utf-8")  # the table stores UTF-8; a non-UTF-8 argv name cannot be kept
+    except UnicodeEncodeError:
+        raise SnapshotError(f"invalid snapshot name {name!r}: it is not valid UTF-8") from None
     raw = name.encode("utf-8", "surrogateescape")
     if not raw:
         raise SnapshotError("invalid snapshot name: it is empty")
@@ -149,7 +153,13 @@ def create(vol: Volume, name: str) -> SnapEntry:
                           r.snap_table)
         table.slots[slot] = entry
         table.next_id += 1
-        union_into(vol.summary_plane, vol.active_plane)
+        # Only where either plane changed since the last snapshot can the summary lack
+        # an active bit; elsewhere the last creation already ORed them (DESIGN.md §3.4).
+        active, summary = vol.active_plane, vol.summary_plane
+        changed = np.union1d(active.touched_array(), summary.touched_array())
+        union_into_blocks(summary, active, changed)
+        active.clear_touched()
+        summary.clear_touched()
         vol.snaps_dirty = True
         vol.cp(force=True)
         return entry

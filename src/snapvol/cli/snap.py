@@ -1,0 +1,83 @@
+"""`snapvol snap ...`: create, list, delete, rename and restore snapshots."""
+
+from __future__ import annotations
+
+import click
+from rich.table import Table
+
+from snapvol.cli.output import console, print_json, show_time
+from snapvol.cli.session import open_volume
+from snapvol.cli.sizes import human_size
+from snapvol.engine import snapshots
+from snapvol.layout.constants import BLOCK_SIZE
+
+
+@click.group()
+def snap() -> None:
+    """Snapshots: read-only images of the volume at one consistency point."""
+
+
+@snap.command("create")
+@click.argument("image")
+@click.argument("name")
+def snap_create(image: str, name: str) -> None:
+    """Take snapshot NAME of the active file system."""
+    with open_volume(image, writable=True) as vol:
+        entry = snapshots.create(vol, name)
+    click.echo(f"created snapshot {name} at CP {entry.cp_count}")
+
+
+@snap.command("delete")
+@click.argument("image")
+@click.argument("name")
+def snap_delete(image: str, name: str) -> None:
+    """Delete snapshot NAME, freeing the blocks only it held."""
+    with open_volume(image, writable=True) as vol:
+        freed = snapshots.delete(vol, name)
+    click.echo(f"deleted snapshot {name}: {human_size(freed * BLOCK_SIZE)} freed")
+
+
+@snap.command("rename")
+@click.argument("image")
+@click.argument("old")
+@click.argument("new")
+def snap_rename(image: str, old: str, new: str) -> None:
+    """Rename snapshot OLD to NEW."""
+    with open_volume(image, writable=True) as vol:
+        snapshots.rename(vol, old, new)
+    click.echo(f"renamed snapshot {old} to {new}")
+
+
+@snap.command("restore")
+@click.argument("image")
+@click.argument("name")
+def snap_restore(image: str, name: str) -> None:
+    """Roll the active file system back to snapshot NAME (all snapshots are kept)."""
+    with open_volume(image, writable=True) as vol:
+        snapshots.restore(vol, name)
+    click.echo(f"restored the active file system to snapshot {name}")
+
+
+@snap.command("list")
+@click.argument("image")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (space in bytes).")
+def snap_list(image: str, as_json: bool) -> None:
+    """List snapshots, oldest first, with the space deleting each would free."""
+    with open_volume(image, writable=False) as vol:
+        infos = snapshots.infos(vol)
+    if as_json:
+        print_json([{"name": i.name, "guid": i.guid, "snap_id": i.snap_id,
+                     "cp_count": i.cp_count, "created_ns": i.created_ns,
+                     "reclaimable": i.reclaimable_blocks * BLOCK_SIZE} for i in infos])
+        return
+    table = Table(box=None)
+    for title in ("name", "guid", "CP", "created"):
+        table.add_column(title)
+    table.add_column("reclaimable", justify="right")
+    for i in infos:
+        table.add_row(i.name, i.guid, str(i.cp_count), show_time(i.created_ns),
+                      human_size(i.reclaimable_blocks * BLOCK_SIZE))
+    if infos:
+        console().print(table)
+    else:
+        click.echo("no snapshots")

@@ -1,0 +1,524 @@
+"""Copying whole trees between the host and a volume, with the semantics of `cp -a`.
+
+`put_tree` copies a host path into a volume and `get_tree` copies a volume path (of the
+active file system or of a snapshot) back out, keeping everything a later comparison could
+notice: file type, mode, owner, atime/mtime, symlink targets (never followed), hard links
+(by host (st_dev, st_ino) on the way in and by volume inode on the way out), xattrs, holes,
+FIFOs, sockets and device nodes. A put followed by a get therefore gives back the tree.
+
+Destinations follow `cp -a SRC DEST`: a DEST that does not exist becomes the copy; an
+existing directory receives the copy as DEST/basename(SRC). Unlike cp, nothing that
+already exists is ever overwritten (the copy stops with EEXIST before writing anything),
+and a copy that fails part way removes what it made, so a failing put or get leaves the
+volume and the host as they were.
+
+Directories are walked with an explicit stack, not recursion, so depth is bounded only by
+the host's PATH_MAX. A directory's mode and times are set after its whole subtree is
+written, because creating entries inside it changes its mtime (and a read-only mode would
+stop a non-root get from filling it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import posixpath
+import shutil
+import stat
+from dataclasses import dataclass
+from typing import Protocol
+
+from snapvol.errors import FsError, SnapvolError, fs_error
+from snapvol.fs.posix import FileSystem, Stat
+from snapvol.layout.constants import BLOCK_SIZE
+
+CHUNK = 1 << 20
+"""File data moves in 1 MiB pieces: large enough for few calls, small enough for memory."""
+
+_ZERO_CHUNK = bytes(CHUNK)
+_ZERO_BLOCK = bytes(BLOCK_SIZE)
+
+# xattr failures that mean "this host or this caller cannot hold that name": the copy
+# keeps every attribute it can and skips these (trusted.* when not root, user.* on a
+# symlink, a file system without xattrs).
+_XATTR_SKIP = frozenset({errno.EPERM, errno.EACCES, errno.ENOTSUP, errno.EOPNOTSUPP})
+
+
+@dataclass(slots=True)
+class CopyStats:
+    """What one copy made, by kind of entry; `bytes` counts file data, not holes."""
+
+    files: int = 0
+    directories: int = 0
+    symlinks: int = 0
+    specials: int = 0  # FIFOs, sockets, device nodes
+    hardlinks: int = 0  # names made as another link to an inode copied earlier
+    bytes: int = 0
+
+    @property
+    def entries(self) -> int:
+        return (self.files + self.directories + self.symlinks + self.specials
+                + self.hardlinks)
+
+
+class Progress(Protocol):
+    """Where a copy reports how far it got (the CLI draws a bar from it)."""
+
+    def start(self, files: int, nbytes: int) -> None:
+        """The totals, announced once before copying starts."""
+
+    def advance(self, files: int = 0, nbytes: int = 0) -> None:
+        """`files` more entries done, `nbytes` more bytes of file data (holes included)."""
+
+
+def _host_error(err: OSError, path: bytes, hint: str = "") -> FsError:
+    """A host-side failure as an FsError naming the host path (one line)."""
+    code = err.errno if err.errno is not None else errno.EIO
+    reason = err.strerror or os.strerror(code)
+    return FsError(code, f"{os.fsdecode(path)}: {reason}{hint}")
+
+
+def _count_kind(mode: int, stats: CopyStats) -> None:
+    if stat.S_ISREG(mode):
+        stats.files += 1
+    elif stat.S_ISDIR(mode):
+        stats.directories += 1
+    elif stat.S_ISLNK(mode):
+        stats.symlinks += 1
+    else:
+        stats.specials += 1
+
+
+# ---- host -> volume ---------------------------------------------------------------------------
+def put_tree(fs: FileSystem, src_host_path: str | bytes | os.PathLike[str],
+             dest_vol_path: str | bytes = "/", progress: Progress | None = None) -> CopyStats:
+    """Copy the host file or tree at `src_host_path` into the volume (see the module doc)."""
+    src = os.fsencode(src_host_path)
+    try:
+        st = os.lstat(src)
+    except OSError as err:
+        raise _host_error(err, src) from None
+    name = os.path.basename(os.path.normpath(os.path.abspath(src)))
+    parent, leaf = _volume_target(fs, name, os.fsencode(dest_vol_path))
+    if progress is not None:
+        progress.start(*_host_totals(src, st))
+    putter = _Putter(fs, progress)
+    try:
+        putter.run(src, st, parent, leaf)
+    except BaseException:
+        if putter.created:
+            with contextlib.suppress(SnapvolError):
+                remove_volume_tree(fs, parent, leaf)
+        raise
+    return putter.stats
+
+
+def remove_volume_tree(fs: FileSystem, parent: int, name: bytes) -> None:
+    """rm -r of one entry, without recursion (a put may have made a very deep tree)."""
+    top = fs.lookup(parent, name)
+    if not top.is_dir:
+        fs.unlink(parent, name)
+        return
+    stack = [(parent, name, top.ino)]
+    while stack:
+        up, dname, ino = stack[-1]
+        subdirs = []
+        for cname, child, dtype, _ in list(fs.iterdir(ino)):
+            if dtype == stat.S_IFDIR >> 12:
+                subdirs.append((ino, cname, child))
+            else:
+                fs.unlink(ino, cname)
+        if subdirs:
+            stack.extend(subdirs)
+            continue
+        fs.rmdir(up, dname)
+        stack.pop()
+
+
+def _volume_target(fs: FileSystem, name: bytes, dest: bytes) -> tuple[int, bytes]:
+    """(parent inode, name) on the volume where a copy of `name` goes for `dest`."""
+    try:
+        st = fs.stat(dest)
+    except FsError as err:
+        if err.errno != errno.ENOENT:
+            raise
+        return fs.split(dest)
+    shown = os.fsdecode(dest)
+    if not st.is_dir:
+        raise FsError(errno.EEXIST, f"{shown} already exists on the volume; remove it first "
+                                    "(snapvol rm) or choose another destination")
+    if not name:
+        raise fs_error(errno.EINVAL, "the source has no name to copy under")
+    try:
+        fs.lookup(st.ino, name)
+    except FsError as err:
+        if err.errno != errno.ENOENT:
+            raise
+        return st.ino, name
+    target = os.fsdecode(dest.rstrip(b"/") + b"/" + name)
+    raise FsError(errno.EEXIST, f"{target} already exists on the volume; remove it first "
+                                "(snapvol rm -r) or choose another destination")
+
+
+def _host_totals(src: bytes, st: os.stat_result) -> tuple[int, int]:
+    """(entries, bytes of regular files) under a host path, for the progress bar."""
+    files, nbytes = 1, st.st_size if stat.S_ISREG(st.st_mode) else 0
+    todo = [src] if stat.S_ISDIR(st.st_mode) else []
+    while todo:
+        try:
+            with os.scandir(todo.pop()) as it:
+                for entry in it:
+                    files += 1
+                    if entry.is_dir(follow_symlinks=False):
+                        todo.append(entry.path)
+                    elif entry.is_file(follow_symlinks=False):
+                        nbytes += entry.stat(follow_symlinks=False).st_size
+        except OSError:
+            continue  # the copy itself will report it
+    return files, nbytes
+
+
+def _data_extents(fd: int, size: int) -> list[tuple[int, int]]:
+    """[start, end) runs of a host file that hold data; the gaps are holes."""
+    out: list[tuple[int, int]] = []
+    pos = 0
+    while pos < size:
+        try:
+            start = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError as err:
+            if err.errno == errno.ENXIO:
+                break  # nothing but a hole from `pos` to the end
+            if err.errno == errno.EINVAL:
+                out.append((pos, size))  # the host cannot tell: copy it all as data
+                break
+            raise
+        if start >= size:
+            break
+        end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
+        out.append((start, end))
+        pos = end
+    return out
+
+
+def _host_xattrs(path: bytes) -> dict[str, bytes]:
+    try:
+        names = os.listxattr(path, follow_symlinks=False)
+    except OSError as err:
+        if err.errno in _XATTR_SKIP:
+            return {}
+        raise
+    out = {}
+    for name in names:
+        try:
+            out[name] = os.getxattr(path, name, follow_symlinks=False)
+        except OSError as err:
+            if err.errno not in _XATTR_SKIP and err.errno != errno.ENODATA:
+                raise
+    return out
+
+
+class _Putter:
+    def __init__(self, fs: FileSystem, progress: Progress | None) -> None:
+        self.fs = fs
+        self.progress = progress
+        self.stats = CopyStats()
+        self.created = False
+        self.links: dict[tuple[int, int], int] = {}  # host (dev, ino) -> volume inode
+        self.current = b""
+
+    def run(self, src: bytes, st: os.stat_result, parent: int, name: bytes) -> None:
+        try:
+            self._walk(src, st, parent, name)
+        except FsError:
+            raise
+        except OSError as err:
+            raise _host_error(err, self.current) from None
+
+    def _walk(self, src: bytes, st: os.stat_result, parent: int, name: bytes) -> None:
+        fs = self.fs
+        stack = [(src, st, parent, name)]
+        dirs: list[tuple[bytes, os.stat_result, int]] = []
+        while stack:
+            path, st, parent, name = stack.pop()
+            self.current = path
+            mode = st.st_mode
+            if stat.S_ISDIR(mode):
+                ino = fs.mkdir(parent, name, stat.S_IMODE(mode), st.st_uid, st.st_gid).ino
+                self.created = True
+                dirs.append((path, st, ino))
+                with os.scandir(path) as it:
+                    children = sorted((e.name, e.path, e.stat(follow_symlinks=False))
+                                      for e in it)
+                stack.extend((cpath, cst, ino, cname) for cname, cpath, cst in reversed(children))
+                self._advance(mode)
+                continue
+            key = (st.st_dev, st.st_ino)
+            if st.st_nlink > 1 and key in self.links:
+                fs.link(self.links[key], parent, name)
+                self.stats.hardlinks += 1
+                self._advance(0, st.st_size if stat.S_ISREG(mode) else 0)
+                continue
+            if stat.S_ISREG(mode):
+                ino = fs.create(parent, name, stat.S_IMODE(mode), st.st_uid, st.st_gid).ino
+                self.created = True
+                self._put_data(path, ino, st.st_size)
+            elif stat.S_ISLNK(mode):
+                ino = fs.symlink(parent, name, os.readlink(path), st.st_uid, st.st_gid).ino
+            else:
+                ino = fs.mknod(parent, name, mode, st.st_rdev, st.st_uid, st.st_gid).ino
+            self.created = True
+            self._put_attrs(path, ino, st)
+            if st.st_nlink > 1:
+                self.links[key] = ino
+            self._advance(mode)
+        for path, st, ino in reversed(dirs):
+            self.current = path
+            self._put_attrs(path, ino, st)
+
+    def _advance(self, mode: int, nbytes: int = 0) -> None:
+        if mode:
+            _count_kind(mode, self.stats)
+        if self.progress is not None:
+            self.progress.advance(1, nbytes)
+
+    def _put_data(self, path: bytes, ino: int, size: int) -> None:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            done = 0
+            for start, end in _data_extents(fd, size):
+                self._tick(start - done)
+                off = start
+                while off < end:
+                    data = os.pread(fd, min(CHUNK, end - off), off)
+                    if not data:
+                        break  # the file shrank while we copied it
+                    self.fs.write(ino, off, data)
+                    off += len(data)
+                    self.stats.bytes += len(data)
+                    self._tick(len(data))
+                done = end
+            self._tick(size - done)
+        finally:
+            os.close(fd)
+
+    def _tick(self, nbytes: int) -> None:
+        if self.progress is not None and nbytes > 0:
+            self.progress.advance(0, nbytes)
+
+    def _put_attrs(self, path: bytes, ino: int, st: os.stat_result) -> None:
+        fs = self.fs
+        for name, value in _host_xattrs(path).items():
+            fs.setxattr(ino, name, value)
+        mode = st.st_mode
+        fs.setattr(ino, size=st.st_size if stat.S_ISREG(mode) else None,
+                   mode=None if stat.S_ISLNK(mode) else stat.S_IMODE(mode),
+                   uid=st.st_uid, gid=st.st_gid, atime_ns=st.st_atime_ns,
+                   mtime_ns=st.st_mtime_ns)
+
+
+# ---- volume -> host ---------------------------------------------------------------------------
+def get_tree(fs: FileSystem, src_vol_path: str | bytes,
+             dest_host_path: str | bytes | os.PathLike[str],
+             progress: Progress | None = None) -> CopyStats:
+    """Copy the volume file or tree at `src_vol_path` to the host (see the module doc).
+
+    Copying the volume root into an existing directory copies the root's entries into it.
+    """
+    src = os.fsencode(src_vol_path)
+    ino = fs.resolve(src, follow=False)
+    st = fs.getattr(ino)
+    name = posixpath.basename(posixpath.normpath(b"/" + src.strip(b"/")))
+    dest = os.fsencode(dest_host_path)
+    work: list[tuple[int, Stat, bytes]]
+    if os.path.isdir(dest):
+        if name:
+            work = [(ino, st, _fresh_host_path(os.path.join(dest, name)))]
+        else:
+            work = [(child, fs.getattr(child), _fresh_host_path(os.path.join(dest, cname)))
+                    for cname, child, _, _ in fs.iterdir(ino)]
+    else:
+        work = [(ino, st, _fresh_host_path(dest))]
+    if progress is not None:
+        progress.start(*_volume_totals(fs, [w[1] for w in work]))
+    getter = _Getter(fs, progress)
+    try:
+        for item in reversed(work):
+            getter.run(*item)
+    except BaseException:
+        for path in getter.created:
+            _remove_host(path)
+        raise
+    return getter.stats
+
+
+def _fresh_host_path(path: bytes) -> bytes:
+    if os.path.lexists(path):
+        raise FsError(errno.EEXIST, f"{os.fsdecode(path)} already exists; remove it first or "
+                                    "choose another destination")
+    return path
+
+
+def _remove_host(path: bytes) -> None:
+    """Undo a failed get: remove a top-level entry it created (best effort)."""
+    with contextlib.suppress(OSError):
+        if stat.S_ISDIR(os.lstat(path).st_mode):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            os.unlink(path)
+
+
+def _volume_totals(fs: FileSystem, tops: list[Stat]) -> tuple[int, int]:
+    """(entries, bytes of regular files) under volume inodes, for the progress bar."""
+    files, nbytes = 0, 0
+    todo = list(tops)
+    while todo:
+        st = todo.pop()
+        files += 1
+        if stat.S_ISREG(st.mode):
+            nbytes += st.size
+        elif st.is_dir:
+            todo.extend(fs.getattr(child) for _, child, _, _ in fs.iterdir(st.ino))
+    return files, nbytes
+
+
+class _Getter:
+    def __init__(self, fs: FileSystem, progress: Progress | None) -> None:
+        self.fs = fs
+        self.progress = progress
+        self.stats = CopyStats()
+        self.created: list[bytes] = []  # top-level host paths made, for undoing a failure
+        self.links: dict[int, bytes] = {}  # volume inode -> host path of its first link
+        self.current = b""
+        self.root = os.geteuid() == 0
+
+    def run(self, ino: int, st: Stat, dest: bytes) -> None:
+        try:
+            self._walk(ino, st, dest)
+        except FsError:
+            raise
+        except OSError as err:
+            raise _host_error(err, self.current) from None
+
+    def _walk(self, top: int, top_st: Stat, dest: bytes) -> None:
+        fs = self.fs
+        stack = [(top, top_st, dest)]
+        dirs: list[tuple[bytes, Stat]] = []
+        while stack:
+            ino, st, path = stack.pop()
+            self.current = path
+            mode = st.mode
+            if st.is_dir:
+                os.mkdir(path, 0o700)
+                self._made(path, dest)
+                dirs.append((path, st))
+                children = sorted(fs.iterdir(ino), reverse=True)
+                stack.extend((child, fs.getattr(child), os.path.join(path, name))
+                             for name, child, _, _ in children)
+                self._advance(mode)
+                continue
+            if st.nlink > 1 and ino in self.links:
+                os.link(self.links[ino], path, follow_symlinks=False)
+                self._made(path, dest)
+                self.stats.hardlinks += 1
+                self._advance(0, st.size if stat.S_ISREG(mode) else 0)
+                continue
+            self._make(ino, st, path)
+            self._made(path, dest)
+            self._get_attrs(ino, st, path)
+            if st.nlink > 1:
+                self.links[ino] = path
+            self._advance(mode)
+        for path, st in reversed(dirs):
+            self.current = path
+            self._get_attrs(st.ino, st, path)
+
+    def _make(self, ino: int, st: Stat, path: bytes) -> None:
+        mode = st.mode
+        if stat.S_ISREG(mode):
+            self._get_data(ino, st.size, path)
+        elif stat.S_ISLNK(mode):
+            os.symlink(self.fs.readlink(ino), path)
+        elif stat.S_ISFIFO(mode):
+            os.mkfifo(path, 0o600)
+        else:
+            try:
+                os.mknod(path, stat.S_IFMT(mode) | 0o600, st.rdev)
+            except PermissionError as err:
+                hint = "" if self.root else " (device nodes can only be made by root)"
+                raise _host_error(err, path, hint) from None
+
+    def _made(self, path: bytes, top: bytes) -> None:
+        if path == top:
+            self.created.append(path)
+
+    def _advance(self, mode: int, nbytes: int = 0) -> None:
+        if mode:
+            _count_kind(mode, self.stats)
+        if self.progress is not None:
+            self.progress.advance(1, nbytes)
+
+    def _get_data(self, ino: int, size: int, path: bytes) -> None:
+        """Write only the non-zero blocks, then set the size: zeros come back as holes."""
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o600)
+        try:
+            off = 0
+            while off < size:
+                data = self.fs.read(ino, off, min(CHUNK, size - off))
+                if not data:
+                    break
+                if data != _ZERO_CHUNK[: len(data)]:
+                    written = _write_nonzero(fd, off, data)
+                    self.stats.bytes += written
+                off += len(data)
+                if self.progress is not None:
+                    self.progress.advance(0, len(data))
+            os.ftruncate(fd, size)
+        finally:
+            os.close(fd)
+
+    def _get_attrs(self, ino: int, st: Stat, path: bytes) -> None:
+        try:
+            os.chown(path, st.uid, st.gid, follow_symlinks=False)
+        except PermissionError:
+            if self.root:
+                raise  # a non-root get keeps the caller as owner, as cp -a does
+        for name, value in self._xattrs(ino).items():
+            try:
+                os.setxattr(path, name, value, follow_symlinks=False)
+            except OSError as err:
+                if err.errno not in _XATTR_SKIP:
+                    raise
+        if not stat.S_ISLNK(st.mode):
+            os.chmod(path, stat.S_IMODE(st.mode))
+        os.utime(path, ns=(st.atime_ns, st.mtime_ns), follow_symlinks=False)
+
+    def _xattrs(self, ino: int) -> dict[bytes, bytes]:
+        return {name: self.fs.getxattr(ino, name) for name in self.fs.listxattr(ino)}
+
+
+def _write_nonzero(fd: int, offset: int, data: bytes) -> int:
+    """pwrite the runs of non-zero 4 KiB blocks of `data` at `offset`; returns bytes written."""
+    written = 0
+    start: int | None = None
+    n = len(data)
+    for pos in range(0, n, BLOCK_SIZE):
+        end = min(pos + BLOCK_SIZE, n)
+        if data[pos:end] == _ZERO_BLOCK[: end - pos]:
+            if start is not None:
+                _pwrite_all(fd, memoryview(data)[start:pos], offset + start)
+                written += pos - start
+                start = None
+        elif start is None:
+            start = pos
+    if start is not None:
+        _pwrite_all(fd, memoryview(data)[start:], offset + start)
+        written += n - start
+    return written
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    while data:
+        done = os.pwrite(fd, data, offset)
+        data, offset = data[done:], offset + done
