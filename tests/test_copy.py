@@ -24,7 +24,7 @@ from snapvol.engine.fsck import check
 from snapvol.engine.volume import Volume
 from snapvol.errors import CorruptionError, FsError
 from snapvol.fs import FileSystem
-from snapvol.fs.copy import CHUNK, CopyStats, get_tree, put_tree, remove_volume_tree
+from snapvol.fs.copy import CHUNK, CopyStats, get_tree, put_tree
 
 MIB = 1 << 20
 DEPTH = 200  # deeper than any recursion-based walk would like, within PATH_MAX
@@ -379,7 +379,7 @@ def test_get_failure_removes_the_partial_copy(tmp_path: Path) -> None:
     assert not (tmp_path / "out").exists()
 
 
-def test_remove_volume_tree_handles_deep_trees(vol: Volume) -> None:
+def test_remove_entry_handles_deep_trees(vol: Volume) -> None:
     """The undo of a put (and rm -r) walks without recursion: 3000 levels is fine."""
     fs = FileSystem(vol)
     top = ino = fs.mkdir(2, "top").ino
@@ -389,7 +389,7 @@ def test_remove_volume_tree_handles_deep_trees(vol: Volume) -> None:
             fs.write(fs.create(ino, f"f{i}").ino, 0, b"x" * 5000)
             fs.symlink(ino, "l", "f")
     fs.link(fs.resolve("/top/d/f0"), top, "hard")
-    remove_volume_tree(fs, 2, b"top")
+    fs.remove_entry(2, b"top")
     assert fs.listdir("/") == []
     vol.cp()
     assert_clean(vol)

@@ -21,7 +21,7 @@ from snapvol.cli.session import open_volume
 from snapvol.cli.sizes import human_size
 from snapvol.errors import FsError
 from snapvol.fs import FileSystem, Stat
-from snapvol.fs.copy import CHUNK, CopyStats, get_tree, put_tree, remove_volume_tree
+from snapvol.fs.copy import CHUNK, CopyStats, get_tree, put_tree
 
 _SNAPSHOT = click.option("--snapshot", "-s", metavar="NAME",
                          help="Read from snapshot NAME instead of the active file system.")
@@ -170,5 +170,5 @@ def rm(image: str, path: str, recursive: bool) -> None:
         if st.is_dir and not recursive:
             raise FsError(errno.EISDIR, f"{path} is a directory: use -r to remove it and "
                                         "everything in it")
-        remove_volume_tree(fs, parent, name)
+        fs.remove_entry(parent, name)
     click.echo(f"removed {path}")

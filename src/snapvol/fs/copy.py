@@ -109,31 +109,9 @@ def put_tree(fs: FileSystem, src_host_path: str | bytes | os.PathLike[str],
     except BaseException:
         if putter.created:
             with contextlib.suppress(SnapvolError):
-                remove_volume_tree(fs, parent, leaf)
+                fs.remove_entry(parent, leaf)
         raise
     return putter.stats
-
-
-def remove_volume_tree(fs: FileSystem, parent: int, name: bytes) -> None:
-    """rm -r of one entry, without recursion (a put may have made a very deep tree)."""
-    top = fs.lookup(parent, name)
-    if not top.is_dir:
-        fs.unlink(parent, name)
-        return
-    stack = [(parent, name, top.ino)]
-    while stack:
-        up, dname, ino = stack[-1]
-        subdirs = []
-        for cname, child, dtype, _ in list(fs.iterdir(ino)):
-            if dtype == stat.S_IFDIR >> 12:
-                subdirs.append((ino, cname, child))
-            else:
-                fs.unlink(ino, cname)
-        if subdirs:
-            stack.extend(subdirs)
-            continue
-        fs.rmdir(up, dname)
-        stack.pop()
 
 
 def _volume_target(fs: FileSystem, name: bytes, dest: bytes) -> tuple[int, bytes]:

@@ -207,6 +207,9 @@ class FileSystem:
             raise fs_error(errno.EEXIST, os.fsdecode(name))
         now = _now()
         node = img.alloc_inode(mode, uid, gid, now, pnode.inode.qtree)
+        # alloc_inode may commit a CP to reclaim space on a full volume, and a CP forgets
+        # which directories are dirty: mark the parent again before inserting into it.
+        d = img.directory(pnode)
         node.inode.rdev = rdev
         node.inode.nlink = 1
         d.insert(name, node.inode.ino, dtype_of(mode))
@@ -618,21 +621,26 @@ class FileSystem:
     def remove_tree(self, path: str | bytes) -> None:
         """rm -r: remove a file, or a directory and everything under it."""
         parent, name = self.split(path)
-        st = self.lookup(parent, name)
-        if st.is_dir:
-            self._empty_dir(st.ino)
-            self.rmdir(parent, name)
-        else:
-            self.unlink(parent, name)
+        self.remove_entry(parent, name)
 
-    def _empty_dir(self, ino: int) -> None:
-        while True:
-            batch = list(self.iterdir(ino, batch=256))
-            if not batch:
-                return
-            for name, child, dtype, _ in batch:
+    def remove_entry(self, parent: int, name: str | bytes) -> None:
+        """rm -r of one directory entry, without recursion (trees may be very deep)."""
+        raw = _name(name)
+        top = self.lookup(parent, raw)
+        if not top.is_dir:
+            self.unlink(parent, raw)
+            return
+        stack = [(parent, raw, top.ino)]
+        while stack:
+            up, dname, ino = stack[-1]
+            subdirs = []
+            for cname, child, dtype, _ in list(self.iterdir(ino)):
                 if dtype == stat.S_IFDIR >> 12:
-                    self._empty_dir(child)
-                    self.rmdir(ino, name)
+                    subdirs.append((ino, cname, child))
                 else:
-                    self.unlink(ino, name)
+                    self.unlink(ino, cname)
+            if subdirs:
+                stack.extend(subdirs)
+                continue
+            self.rmdir(up, dname)
+            stack.pop()
