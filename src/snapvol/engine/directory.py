@@ -200,8 +200,11 @@ class Directory:
     ) -> None:
         """Open the directory in `store`, reading its header.
 
-        `max_children` and `leaf_capacity` may be set lower than the format's maxima to
-        build deep trees from few entries (tests do); blocks stay in the same format.
+        `cache_nodes` bounds the decoded nodes kept (about 12 KiB each, 145 bytes per
+        entry: the default holds ~300,000 entries in ~45 MiB, and a small directory
+        uses one node). `max_children` and `leaf_capacity` may be set below the
+        format's maxima to build deep trees from few entries (tests do); the blocks
+        stay in the same format, so a directory may be reopened with other limits.
         """
         if not 3 <= max_children <= MAX_CHILDREN:
             raise ValueError(f"max_children {max_children} must be within 3..{MAX_CHILDREN}")
@@ -338,8 +341,11 @@ class Directory:
     def readdir(self, after: int = 0) -> Iterator[DirEntry]:
         """Entries with cookie > `after`, ascending; the directory may change meanwhile.
 
-        Each step takes the rest of one leaf and then resumes from the key space past
+        Each step copies the rest of one leaf and then resumes from the key space past
         it, so it never holds a position inside a node that could split or vanish.
+        Entries present for the whole walk come back exactly once; one removed after
+        its leaf was copied may still come back, one added behind the walk does not
+        (both allowed by POSIX). Not thread-safe: the engine serialises access.
         """
         if after < 0:
             raise ValueError(f"readdir cookie {after} is negative")
@@ -610,9 +616,7 @@ class Directory:
             if n <= self._max_children:
                 return
             mid = n // 2
-            right = _Internal(
-                self._alloc(), parent.level, parent.keys[mid:], parent.children[mid:]
-            )
+            right = _Internal(self._alloc(), parent.level, parent.keys[mid:], parent.children[mid:])
             sep = parent.keys[mid - 1]
             del parent.keys[mid - 1 :], parent.children[mid:]
             self._adopt(right)
@@ -817,4 +821,3 @@ class Directory:
         """A node from the cache, or decoded from the store without caching it (fsck)."""
         node = self._cache.get(fbn)
         return node if node is not None else self._read(fbn)
-

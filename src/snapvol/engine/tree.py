@@ -323,6 +323,33 @@ class BlockTree:
         if len(self.nodes) > keep and not self.dirty_nodes:
             self.nodes.clear()
 
+    def mapped_fbns(self) -> np.ndarray:
+        """Sorted file block numbers that hold data (not holes), dirty blocks included,
+        found without reading any data block and skipping hole subtrees whole."""
+        found: list[np.ndarray] = [np.array(sorted(self.dirty_data), dtype=np.int64)]
+
+        def present(level: int, idx: int, vbn: int) -> bool:
+            return vbn != 0 or (level, idx) in self.nodes
+
+        def visit(level: int, idx: int) -> None:
+            node = self.node(level, idx)
+            base = idx << PTR_SHIFT
+            if level == 1:
+                found.append(base + np.flatnonzero(node["vbn"] != 0))
+                return
+            for j in range(PTRS_PER_BLOCK):
+                if present(level - 1, base + j, int(node[j]["vbn"])):
+                    visit(level - 1, base + j)
+
+        for i in range(self.fanout_top):
+            vbn = int(self.top[i]["vbn"])
+            if self.height == 0:
+                if vbn:
+                    found.append(np.array([i], dtype=np.int64))
+            elif present(self.height, i, vbn):
+                visit(self.height, i)
+        return np.unique(np.concatenate(found))
+
     # ---- walking (fsck, space accounting) -------------------------------------------------
     def walk(self, visit: Callable[[int, int, int, int], None]) -> None:
         """Call visit(level, idx, vbn, csum) for every non-hole pointer of the committed

@@ -36,7 +36,6 @@ from snapvol.layout.constants import BLOCK_SIZE
 CHUNK = 1 << 20
 """File data moves in 1 MiB pieces: large enough for few calls, small enough for memory."""
 
-_ZERO_CHUNK = bytes(CHUNK)
 _ZERO_BLOCK = bytes(BLOCK_SIZE)
 
 # xattr failures that mean "this host or this caller cannot hold that name": the copy
@@ -437,21 +436,25 @@ class _Getter:
             self.progress.advance(1, nbytes)
 
     def _get_data(self, ino: int, size: int, path: bytes) -> None:
-        """Write only the non-zero blocks, then set the size: zeros come back as holes."""
+        """Write the file's data extents, then set the size: holes stay holes, and a
+        huge sparse file costs only what it holds."""
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
                      0o600)
         try:
-            off = 0
-            while off < size:
-                data = self.fs.read(ino, off, min(CHUNK, size - off))
-                if not data:
-                    break
-                if data != _ZERO_CHUNK[: len(data)]:
-                    written = _write_nonzero(fd, off, data)
-                    self.stats.bytes += written
-                off += len(data)
-                if self.progress is not None:
-                    self.progress.advance(0, len(data))
+            covered = 0
+            for start, length in self.fs.data_extents(ino):
+                off, end = start, start + length
+                covered += length
+                while off < end:
+                    data = self.fs.read(ino, off, min(CHUNK, end - off))
+                    if not data:
+                        break
+                    self.stats.bytes += _write_nonzero(fd, off, data)
+                    off += len(data)
+                    if self.progress is not None:
+                        self.progress.advance(0, len(data))
+            if self.progress is not None and size > covered:
+                self.progress.advance(0, size - covered)  # the holes count as copied
             os.ftruncate(fd, size)
         finally:
             os.close(fd)

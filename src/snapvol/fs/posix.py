@@ -16,6 +16,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ParamSpec, TypeVar
 
+import numpy as np
+
 from snapvol.engine.image import XATTR_NAME_MAX, XATTR_SIZE_MAX, Image, Node, check_name, dtype_of
 from snapvol.errors import FsError, fs_error
 from snapvol.layout.constants import BLOCK_SIZE, MAX_FILE_SIZE, ROOT_INO
@@ -460,6 +462,24 @@ class FileSystem:
         img.mark_dirty(node)
         self._changed()
         return n
+
+    @_locked
+    def data_extents(self, ino: int) -> list[tuple[int, int]]:
+        """(offset, length) of the parts of a file that are not holes, in order (what
+        SEEK_DATA/SEEK_HOLE report), clipped to the file size."""
+        node = self.image.node(ino)
+        size = node.inode.size
+        fbns = node.tree.mapped_fbns()
+        out: list[tuple[int, int]] = []
+        if len(fbns) == 0:
+            return out
+        breaks = np.flatnonzero(np.diff(fbns) != 1) + 1
+        for run in np.split(fbns, breaks):
+            start = int(run[0]) * BLOCK_SIZE
+            end = min((int(run[-1]) + 1) * BLOCK_SIZE, size)
+            if start < end:
+                out.append((start, end - start))
+        return out
 
     @_locked
     def open(self, ino: int) -> None:

@@ -28,20 +28,22 @@ Every other block starts with a 16-byte node header::
 
     0   4  magic b"SVDN"
     4   1  kind: 1 leaf, 2 internal, 3 free-list trunk
-    5   1  level: 0 for leaves and trunks, height of the subtree minus one otherwise
+    5   1  level: 0 for leaves and trunks; internal: distance to the leaves (root: height-1)
     6   2  count: entries (leaf), children (internal), listed fbns (trunk)
     8   8  trunk: fbn of the next trunk (0 = last); otherwise zero
 
-Leaf body, n = count, columns one after the other so numpy decodes each in one call::
+Leaf body, n = count, in columns so each decodes in one C call::
 
     16          8n  keys, strictly ascending
     16+8n       8n  inode numbers
     16+16n       n  file types (DT_* values)
-    16+17n       n  name lengths (1..255)
-    16+18n          names, concatenated in key order
+    16+17n          names in key order, each followed by a NUL byte
 
-An entry therefore costs 18 bytes plus its name; a leaf holds up to 4080 bytes of them
-(14 entries of 255-byte names, 136 of 12-byte names).
+Names cannot contain NUL, so the terminator gives each name's length and the whole name
+column decodes with one bytes.split; this matters because a big directory's leaves are
+decoded and encoded again whenever they pass through the node cache. An entry costs 18
+bytes plus its name; a leaf holds up to 4080 bytes of them (14 entries of 255-byte
+names, 136 of 12-byte names).
 
 Internal body, n = count children (1..255)::
 
@@ -60,10 +62,8 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
-from itertools import accumulate, pairwise
+from functools import lru_cache
 from typing import Final
-
-import numpy as np
 
 from snapvol.errors import CorruptionError
 from snapvol.layout.constants import BLOCK_SIZE
@@ -84,7 +84,6 @@ TRUNK_CAPACITY: Final = (BLOCK_SIZE - NODE_HEADER_SIZE) // 8  # 510
 
 _HEADER = struct.Struct("<8sHHIQQQQQQ")
 _NODE = struct.Struct("<4sBBHQ")
-_U64 = np.dtype("<u8")
 _ZERO_BLOCK: Final = bytes(BLOCK_SIZE)
 
 
@@ -140,13 +139,17 @@ def _pad(parts: list[bytes], what: str) -> bytes:
     return data + _ZERO_BLOCK[len(data) :]
 
 
+@lru_cache(maxsize=1024)
+def _u64_array(count: int) -> struct.Struct:
+    return struct.Struct(f"<{count}Q")
+
+
 def _u64s(values: list[int]) -> bytes:
-    return np.array(values, dtype=_U64).tobytes()
+    return _u64_array(len(values)).pack(*values)
 
 
 def _read_u64s(block: bytes, count: int, offset: int) -> list[int]:
-    values: list[int] = np.frombuffer(block, dtype=_U64, count=count, offset=offset).tolist()
-    return values
+    return list(_u64_array(count).unpack_from(block, offset))
 
 
 def _check_size(block: bytes, what: str) -> None:
@@ -207,11 +210,9 @@ def encode_leaf(keys: list[int], inos: list[int], dtypes: bytearray, names: list
     return _pad(
         [
             _NODE.pack(NODE_MAGIC, KIND_LEAF, 0, n, 0),
-            _u64s(keys),
-            _u64s(inos),
+            _u64_array(2 * n).pack(*keys, *inos),
             bytes(dtypes),
-            bytes(map(len, names)),
-            *names,
+            *((b"\0".join(names), b"\0") if names else ()),
         ],
         "directory leaf",
     )
@@ -222,18 +223,18 @@ def decode_leaf(block: bytes, what: str) -> LeafRecord:
     if node_kind(block, what) != KIND_LEAF:
         raise CorruptionError(f"{what}: expected a directory leaf")
     _, _, _, n, _ = _NODE.unpack_from(block)
-    base = NODE_HEADER_SIZE + 18 * n
-    if base > BLOCK_SIZE:
+    base = NODE_HEADER_SIZE + 17 * n
+    if base + 2 * n > BLOCK_SIZE:
         raise CorruptionError(f"{what}: {n} entries cannot fit in a block")
-    lens = block[NODE_HEADER_SIZE + 17 * n : base]
-    ends = list(accumulate(lens, initial=base))
-    if ends[-1] > BLOCK_SIZE or 0 in lens:
-        raise CorruptionError(f"{what}: name lengths run past the block or are zero")
+    names = block[base:].split(b"\0", n)
+    if len(names) != n + 1 or names.pop().strip(b"\0") or b"" in names:
+        raise CorruptionError(f"{what}: the names of {n} entries are not {n} NUL-ended names")
+    numbers = _read_u64s(block, 2 * n, NODE_HEADER_SIZE)
     return LeafRecord(
-        keys=_read_u64s(block, n, NODE_HEADER_SIZE),
-        inos=_read_u64s(block, n, NODE_HEADER_SIZE + 8 * n),
-        dtypes=bytearray(block[NODE_HEADER_SIZE + 16 * n : NODE_HEADER_SIZE + 17 * n]),
-        names=[block[s:e] for s, e in pairwise(ends)],
+        keys=numbers[:n],
+        inos=numbers[n:],
+        dtypes=bytearray(block[NODE_HEADER_SIZE + 16 * n : base]),
+        names=names,
     )
 
 
@@ -283,4 +284,3 @@ def decode_trunk(block: bytes, what: str) -> TrunkRecord:
     if n > TRUNK_CAPACITY:
         raise CorruptionError(f"{what}: free-list trunk lists {n} fbns")
     return TrunkRecord(next=next_fbn, fbns=_read_u64s(block, n, NODE_HEADER_SIZE))
-
