@@ -370,6 +370,11 @@ class Directory:
             self._store.write_block(HEADER_FBN, encode_header(self._header()))
             self._header_dirty = False
 
+    @property
+    def dirty(self) -> bool:
+        """Changes not yet written to the store (flush() writes them)."""
+        return bool(self._dirty) or self._header_dirty
+
     def drop_cache(self) -> None:
         """Flush, then forget every decoded node (to give memory back)."""
         self.flush()

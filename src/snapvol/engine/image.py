@@ -115,7 +115,6 @@ class Image:
         self.nodes: dict[int, Node] = {}
         self.dirty_records: set[int] = set()
         self.dirty_trees: set[int] = set()
-        self.dirty_dirs: set[int] = set()
         self.dirty_data_blocks = 0
         self._inomap: np.ndarray | None = None
         self._inomap_dirty: set[int] = set()
@@ -128,8 +127,8 @@ class Image:
 
     @property
     def dirty(self) -> bool:
-        return bool(self.dirty_records or self.dirty_trees or self.dirty_dirs
-                    or self._inomap_dirty)
+        return bool(self.dirty_records or self.dirty_trees or self._inomap_dirty) or any(
+            n.dir is not None and n.dir.dirty for n in self.nodes.values())
 
     def root(self) -> TreeRoot:
         p = self.itree.top[0]
@@ -229,6 +228,12 @@ class Image:
         return node
 
     def _find_free_ino(self, bits: np.ndarray) -> int:
+        hint = self._ino_hint
+        if hint >> 3 < len(bits):
+            # Usually the hint's own byte has room: skip scanning the rest of the map.
+            byte = int(bits[hint >> 3]) | ((1 << (hint & 7)) - 1)
+            if byte != 0xFF:
+                return (hint & ~7) + (~byte & (byte + 1)).bit_length() - 1
         for start in (self._ino_hint, FIRST_USER_INO):
             b0 = start >> 3
             view = bits[b0:]
@@ -258,7 +263,6 @@ class Image:
         self._ino_hint = min(self._ino_hint, inode.ino)
         self.dirty_records.add(inode.ino)
         self.dirty_trees.discard(inode.ino)
-        self.dirty_dirs.discard(inode.ino)
         self.nodes.pop(inode.ino, None)
         self._freed_records[inode.ino] = node.inode
 
@@ -293,20 +297,28 @@ class Image:
         mv = memoryview(data)
         pos = 0
         fbn, within = divmod(offset, BLOCK_SIZE)
-        if within:
-            take = min(BLOCK_SIZE - within, n)
-            old = node.tree.read_block(fbn) if fbn * BLOCK_SIZE < node.inode.size else ZERO_BLOCK
-            blk = old[:within] + bytes(mv[:take]) + old[within + take :]
-            self._write_block(node, fbn, blk)
-            pos, fbn = take, fbn + 1
-        while n - pos >= BLOCK_SIZE:
-            self._write_block(node, fbn, bytes(mv[pos : pos + BLOCK_SIZE]))
-            pos += BLOCK_SIZE
-            fbn += 1
-        if pos < n:
-            tail = n - pos
-            old = node.tree.read_block(fbn) if fbn * BLOCK_SIZE < node.inode.size else ZERO_BLOCK
-            self._write_block(node, fbn, bytes(mv[pos:]) + old[tail:])
+        size = node.inode.size
+        try:
+            if within:
+                take = min(BLOCK_SIZE - within, n)
+                old = node.tree.read_block(fbn) if fbn * BLOCK_SIZE < size else ZERO_BLOCK
+                blk = old[:within] + bytes(mv[:take]) + old[within + take :]
+                self._write_block(node, fbn, blk)
+                pos, fbn = take, fbn + 1
+            while n - pos >= BLOCK_SIZE:
+                self._write_block(node, fbn, bytes(mv[pos : pos + BLOCK_SIZE]))
+                pos += BLOCK_SIZE
+                fbn += 1
+            if pos < n:
+                tail = n - pos
+                old = node.tree.read_block(fbn) if fbn * BLOCK_SIZE < size else ZERO_BLOCK
+                self._write_block(node, fbn, bytes(mv[pos:]) + old[tail:])
+        except FsError:
+            # A refused write (ENOSPC) keeps the old size; the blocks it placed past that
+            # size must go, or a later extension would show them instead of zeros.
+            if offset + n > size:
+                self.truncate(node, size)
+            raise
         if offset + n > node.inode.size:
             node.inode.size = offset + n
         return n
@@ -316,7 +328,7 @@ class Image:
         if size > MAX_FILE_SIZE:
             raise FsError(EFBIG, f"size {size} is past the largest file size")
         inode = node.inode
-        if size < inode.size:
+        if size <= inode.size:  # equal too: drops what a refused write left past the end
             keep = (size + BLOCK_SIZE - 1) // BLOCK_SIZE
             node.tree.truncate_blocks(keep)
             within = size % BLOCK_SIZE
@@ -334,13 +346,10 @@ class Image:
             raise fs_error(20, f"inode {node.inode.ino}")
         if node.dir is None:
             node.dir = Directory(_DirStore(self, node))
-        if self.writable:
-            self.dirty_dirs.add(node.inode.ino)
         return node.dir
 
     def format_directory(self, node: Node, parent_ino: int) -> Directory:
         node.dir = Directory.format(_DirStore(self, node), parent_ino)
-        self.dirty_dirs.add(node.inode.ino)
         return node.dir
 
     def readdir(self, node: Node, after: int = 0) -> Iterator[tuple[bytes, int, int, int]]:
@@ -381,11 +390,11 @@ class Image:
     def flush(self, batch: WriteBatch) -> TreeRoot:
         """Give every change a place on disk (new VBNs) and return the new inode-file root."""
         self._require_writable()
-        for ino in sorted(self.dirty_dirs):
-            n = self.nodes.get(ino)
-            if n is not None and n.dir is not None:
-                n.dir.flush()
-        self.dirty_dirs.clear()
+        # Every loaded directory with changes, whoever changed it: a CP in the middle of an
+        # operation must not strand an insert made after it.
+        for loaded in list(self.nodes.values()):
+            if loaded.dir is not None and loaded.dir.dirty:
+                loaded.dir.flush()
         if self._inomap_dirty and self._inomap is not None:
             mapnode = self.node(INOMAP_INO)
             bits = self._inomap
@@ -438,9 +447,10 @@ class Image:
         between operations: a caller in the middle of one may hold a Node."""
         if len(self.nodes) <= keep:
             return
-        busy = self.dirty_records | self.dirty_trees | self.dirty_dirs
+        busy = self.dirty_records | self.dirty_trees
         for ino in [i for i, n in self.nodes.items()
-                    if i not in busy and n.opened == 0 and i not in (INOMAP_INO, ROOT_INO)]:
+                    if i not in busy and n.opened == 0 and i not in (INOMAP_INO, ROOT_INO)
+                    and not (n.dir is not None and n.dir.dirty)]:
             del self.nodes[ino]
 
     def pending_blocks(self) -> int:

@@ -209,9 +209,6 @@ class FileSystem:
             raise fs_error(errno.EEXIST, os.fsdecode(name))
         now = _now()
         node = img.alloc_inode(mode, uid, gid, now, pnode.inode.qtree)
-        # alloc_inode may commit a CP to reclaim space on a full volume, and a CP forgets
-        # which directories are dirty: mark the parent again before inserting into it.
-        d = img.directory(pnode)
         node.inode.rdev = rdev
         node.inode.nlink = 1
         d.insert(name, node.inode.ino, dtype_of(mode))
