@@ -232,6 +232,10 @@ class Volume:
 
     def _admit(self, n: int, meta: bool) -> None:
         assert self.alloc is not None
+        if self._in_cp:
+            # Inside a CP the estimate counts the very changes being placed; they were
+            # admitted when made, and refusing here would leave the CP half done.
+            return
         need = self.active.pending_blocks() + n + (0 if meta else self.meta_reserve)
         if need <= self.alloc.free:
             return
