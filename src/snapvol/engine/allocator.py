@@ -14,6 +14,12 @@ from snapvol.errors import FsError
 from snapvol.layout.constants import FIRST_DATA_VBN
 from snapvol.planes import Plane, find_free
 from snapvol.planes.algebra import union
+from snapvol.planes.plane import FULL
+
+SMALL_ALLOC = 8
+"""Requests up to this many blocks try `_alloc_small` first."""
+SMALL_SCAN_WORDS = 4
+"""Words (of 64 blocks) `_alloc_small` looks at before leaving the search to numpy."""
 
 
 class Allocator:
@@ -35,6 +41,10 @@ class Allocator:
         """n free blocks, in runs from the cursor, as an ascending-by-run uint64 array."""
         if n == 0:
             return np.zeros(0, dtype=np.uint64)
+        if n <= SMALL_ALLOC:
+            small = self._alloc_small(n)
+            if small is not None:
+                return small
         runs = find_free(self.cursor, n, self.active, self.summary, self.deferred)
         got = sum(length for _, length in runs)
         if got < n:
@@ -49,6 +59,37 @@ class Allocator:
         self.busy += n
         self.allocated_this_cp += n
         return vbns
+
+    def _alloc_small(self, n: int) -> np.ndarray | None:
+        """The first n free blocks from the cursor, found with integer bit tricks in the
+        few words at the cursor; None when they do not hold n. The same blocks `find_free`
+        would give, without its ~30 numpy calls: a CP of many small files allocates once
+        per file, and that overhead was most of its cost."""
+        planes = (self.active.words, self.summary.words, self.deferred.words)
+        word = self.cursor >> 6
+        end = min(word + SMALL_SCAN_WORDS, len(planes[0]))
+        mask = FULL & (FULL << (self.cursor & 63))
+        got: list[int] = []
+        while word < end:
+            free = ~(int(planes[0][word]) | int(planes[1][word]) | int(planes[2][word]))
+            free &= mask
+            while free:
+                low = free & -free
+                vbn = (word << 6) + low.bit_length() - 1
+                if vbn >= self.nblocks:
+                    return None
+                got.append(vbn)
+                if len(got) == n:
+                    for v in got:
+                        self.active.set(v)
+                    self.cursor = vbn + 1 if vbn + 1 < self.nblocks else FIRST_DATA_VBN
+                    self.busy += n
+                    self.allocated_this_cp += n
+                    return np.array(got, dtype=np.uint64)
+                free ^= low
+            word += 1
+            mask = FULL
+        return None
 
     def free_many(self, vbns: np.ndarray) -> None:
         """Remove blocks from the active image; they become reusable after the commit."""

@@ -44,7 +44,7 @@ def plane_blocks_for(nblocks: int) -> int:
 class Plane:
     """A fixed-size set of VBNs held as packed bits, with per-plane-block dirty tracking."""
 
-    __slots__ = ("_dirty", "nblocks", "plane_blocks", "words")
+    __slots__ = ("_dirty", "_touched", "nblocks", "plane_blocks", "words")
 
     def __init__(self, nblocks: int, words: npt.NDArray[Any] | None = None) -> None:
         if nblocks < 0:
@@ -64,6 +64,9 @@ class Plane:
             if not self._padding_is_clear():
                 raise ValueError(f"bits at or past block {nblocks} are set")
         self._dirty = np.zeros(self.plane_blocks, dtype=np.bool_)
+        # Changed since the last clear_touched(), across mark_clean(); a new plane's
+        # relation to any other is unknown, so it starts all touched.
+        self._touched = np.ones(self.plane_blocks, dtype=np.bool_)
 
     @classmethod
     def zeros(cls, nblocks: int) -> Plane:
@@ -210,7 +213,19 @@ class Plane:
 
     def mark_clean(self) -> None:
         """Forget all dirty marks (after the engine wrote the dirty plane blocks)."""
+        np.logical_or(self._touched, self._dirty, out=self._touched)
         self._dirty[:] = False
+
+    def touched_array(self) -> npt.NDArray[np.intp]:
+        """The plane blocks changed since the last `clear_touched()` (all of them before
+        the first), as a sorted array. Every change marks its block dirty, so this sees
+        every change whatever wrote it; a plane derived from this one (the summary plane
+        from the active one) need only be brought up to date in these blocks."""
+        return np.flatnonzero(self._touched | self._dirty)
+
+    def clear_touched(self) -> None:
+        """Start `touched_array()` afresh (the derived plane is up to date)."""
+        self._touched[:] = False
 
     def mark_dirty(self, pb: int) -> None:
         """Force plane block `pb` to be written at the next consistency point."""
