@@ -8,6 +8,7 @@ a mismatch raises CorruptionError naming the block. Blocks are immutable while r
 from __future__ import annotations
 
 from collections import OrderedDict
+from typing import cast
 
 from snapvol.device import Device
 from snapvol.errors import CorruptionError
@@ -15,6 +16,7 @@ from snapvol.layout.checksum import block_checksum
 from snapvol.layout.constants import BLOCK_SIZE
 
 MAX_IOV = 512
+STREAM_RUN = 16  # runs longer than this are not cached
 
 
 class BlockIO:
@@ -43,19 +45,21 @@ class BlockIO:
         return data
 
     def read_run(self, vbn: int, csums: list[int]) -> list[bytes]:
-        """Read len(csums) contiguous blocks from `vbn` in one call, each verified."""
+        """Read len(csums) contiguous blocks from `vbn` in one call, each verified.
+        Long runs are streaming reads and bypass the cache, so they do not evict it."""
         n = len(csums)
         if n == 1:
             return [self.read(vbn, csums[0])]
-        out: list[bytes] = []
-        missing = any((vbn + i, c) not in self._cache for i, c in enumerate(csums))
-        if not missing:
-            return [self.read(vbn + i, c) for i, c in enumerate(csums)]
+        if n <= STREAM_RUN:
+            cached = [self._cache.get((vbn + i, c)) for i, c in enumerate(csums)]
+            if all(d is not None for d in cached):
+                return cast(list[bytes], cached)
         if not vbn > 0 or vbn + n > self.dev.nblocks:
             raise CorruptionError(f"block run {vbn}+{n} is outside the volume")
         raw = self.dev.read(vbn, n)
         self.reads += n
         mv = memoryview(raw)
+        out: list[bytes] = []
         for i, c in enumerate(csums):
             blk = mv[i * BLOCK_SIZE : (i + 1) * BLOCK_SIZE]
             if block_checksum(blk, vbn + i) != c:
@@ -63,7 +67,10 @@ class BlockIO:
                     f"block {vbn + i}: checksum mismatch (expected {c:016x}); the volume is "
                     "damaged there: run 'snapvol fsck'"
                 )
-            out.append(bytes(blk))
+            data = bytes(blk)
+            if n <= STREAM_RUN:
+                self._remember((vbn + i, c), data)
+            out.append(data)
         return out
 
     def _remember(self, key: tuple[int, int], data: bytes) -> None:

@@ -95,32 +95,54 @@ class BlockTree:
         vbn, csum = self.data_ptr(fbn)
         return ZERO_BLOCK if vbn == 0 else self.io.read(vbn, csum)
 
+    def ptr_range(self, first: int, count: int) -> tuple[np.ndarray, np.ndarray]:
+        """(vbns, csums) of data blocks [first, first+count) as arrays, one level-1 block
+        at a time rather than one pointer walk per block."""
+        vbns = np.zeros(count, dtype=np.uint64)
+        csums = np.zeros(count, dtype=np.uint64)
+        end = min(first + count, self.capacity())
+        if first >= end:
+            return vbns, csums
+        if self.height == 0:
+            vbns[: end - first] = self.top["vbn"][first:end]
+            csums[: end - first] = self.top["csum"][first:end]
+            return vbns, csums
+        pos = first
+        while pos < end:
+            idx = pos >> PTR_SHIFT
+            stop = min(end, (idx + 1) << PTR_SHIFT)
+            node = self.node(1, idx)
+            lo, hi = pos & _MASK, ((stop - 1) & _MASK) + 1
+            vbns[pos - first : stop - first] = node["vbn"][lo:hi]
+            csums[pos - first : stop - first] = node["csum"][lo:hi]
+            pos = stop
+        return vbns, csums
+
     def read_blocks(self, first: int, count: int) -> list[bytes]:
         """Blocks [first, first+count), reading contiguous on-disk runs in one call."""
-        out: list[bytes] = []
-        run_vbn = -1
-        run_csums: list[int] = []
-
-        def close_run() -> None:
-            if run_csums:
-                out.extend(self.io.read_run(run_vbn, run_csums))
-                run_csums.clear()
-
-        for fbn in range(first, first + count):
-            d = self.dirty_data.get(fbn)
-            vbn, csum = (0, 0) if d is not None else self.data_ptr(fbn)
-            if d is None and vbn != 0 and run_csums and vbn == run_vbn + len(run_csums):
-                run_csums.append(csum)
-                continue
-            close_run()
-            if d is not None:
-                out.append(d)
-            elif vbn == 0:
-                out.append(ZERO_BLOCK)
-            else:
-                run_vbn = vbn
-                run_csums.append(csum)
-        close_run()
+        vbns, csums = self.ptr_range(first, count)
+        out: list[bytes] = [ZERO_BLOCK] * count
+        dirty = self.dirty_data
+        if dirty:
+            for i in range(count):
+                d = dirty.get(first + i)
+                if d is not None:
+                    out[i] = d
+                    vbns[i] = 0
+        present = np.flatnonzero(vbns)
+        if len(present) == 0:
+            return out
+        # runs: consecutive indexes whose VBNs are consecutive too
+        pv = vbns[present].astype(np.int64)
+        breaks = np.flatnonzero((np.diff(present) != 1) | (np.diff(pv) != 1)) + 1
+        starts = np.concatenate(([0], breaks)).tolist()
+        stops = [*breaks.tolist(), len(present)]
+        idxs = present.tolist()
+        vlist = pv.tolist()
+        clist = csums[present].tolist()
+        for a, b in zip(starts, stops, strict=True):
+            blocks = self.io.read_run(vlist[a], clist[a:b])
+            out[idxs[a] : idxs[a] + (b - a)] = blocks
         return out
 
     # ---- changing -----------------------------------------------------------------
