@@ -288,37 +288,42 @@ class Image:
         return data[lo : lo + end - offset]
 
     def write(self, node: Node, offset: int, data: bytes | memoryview) -> int:
+        """Write all of `data` or nothing: the space for every block it makes dirty is
+        admitted up front, so a refused write (ENOSPC) changes nothing."""
         self._require_writable()
         n = len(data)
         if n == 0:
             return 0
         if offset + n > MAX_FILE_SIZE:
             raise FsError(EFBIG, f"write past the largest file size ({MAX_FILE_SIZE} bytes)")
-        mv = memoryview(data)
-        pos = 0
-        fbn, within = divmod(offset, BLOCK_SIZE)
+        tree = node.tree
+        first, within = divmod(offset, BLOCK_SIZE)
+        last = (offset + n - 1) // BLOCK_SIZE
+        dirty = tree.dirty_data
+        new = last - first + 1
+        if dirty:
+            new -= sum(1 for f in range(first, last + 1) if f in dirty)
+        if new and self.admit is not None:
+            self.admit(new, False)  # may commit a CP first; nothing is placed yet
+        tree.ensure_capacity(last)
+        self.dirty_data_blocks += new
+        self._touch(node)
         size = node.inode.size
-        try:
-            if within:
-                take = min(BLOCK_SIZE - within, n)
-                old = node.tree.read_block(fbn) if fbn * BLOCK_SIZE < size else ZERO_BLOCK
-                blk = old[:within] + bytes(mv[:take]) + old[within + take :]
-                self._write_block(node, fbn, blk)
-                pos, fbn = take, fbn + 1
-            while n - pos >= BLOCK_SIZE:
-                self._write_block(node, fbn, bytes(mv[pos : pos + BLOCK_SIZE]))
-                pos += BLOCK_SIZE
-                fbn += 1
-            if pos < n:
-                tail = n - pos
-                old = node.tree.read_block(fbn) if fbn * BLOCK_SIZE < size else ZERO_BLOCK
-                self._write_block(node, fbn, bytes(mv[pos:]) + old[tail:])
-        except FsError:
-            # A refused write (ENOSPC) keeps the old size; the blocks it placed past that
-            # size must go, or a later extension would show them instead of zeros.
-            if offset + n > size:
-                self.truncate(node, size)
-            raise
+        mv = memoryview(data)
+        pos, fbn = 0, first
+        if within:
+            take = min(BLOCK_SIZE - within, n)
+            old = tree.read_block(fbn) if fbn * BLOCK_SIZE < size else ZERO_BLOCK
+            dirty[fbn] = old[:within] + bytes(mv[:take]) + old[within + take :]
+            pos, fbn = take, fbn + 1
+        while n - pos >= BLOCK_SIZE:
+            dirty[fbn] = bytes(mv[pos : pos + BLOCK_SIZE])
+            pos += BLOCK_SIZE
+            fbn += 1
+        if pos < n:
+            tail = n - pos
+            old = tree.read_block(fbn) if fbn * BLOCK_SIZE < size else ZERO_BLOCK
+            dirty[fbn] = bytes(mv[pos:]) + old[tail:]
         if offset + n > node.inode.size:
             node.inode.size = offset + n
         return n
@@ -330,13 +335,17 @@ class Image:
         inode = node.inode
         if size <= inode.size:  # equal too: drops what a refused write left past the end
             keep = (size + BLOCK_SIZE - 1) // BLOCK_SIZE
-            node.tree.truncate_blocks(keep)
             within = size % BLOCK_SIZE
-            if within:
+            if within:  # first, so an ENOSPC here leaves the file as it was
                 fbn = size // BLOCK_SIZE
                 old = node.tree.read_block(fbn)
                 if any(old[within:]):
-                    self._write_block(node, fbn, old[:within] + bytes(BLOCK_SIZE - within))
+                    # From the reserve, like a deletion: a truncate frees space, and the
+                    # clean-up of a refused write relies on it (its blocks may have been
+                    # committed by a CP in the middle of the write).
+                    self._write_block(node, fbn, old[:within] + bytes(BLOCK_SIZE - within),
+                                      meta=True)
+            node.tree.truncate_blocks(keep)
         inode.size = size
         self._touch(node)
 
@@ -375,16 +384,20 @@ class Image:
                 self.dirty_records.add(inode.ino)
             return
         blob = encode_xattrs(attrs)
+        # The new set goes to a fresh xattr inode that replaces the old one only once
+        # written: a write refused with ENOSPC then leaves the old set whole.
+        xnode = self.alloc_inode(stat.S_IFREG, 0, 0, now_ns, inode.qtree)
+        xnode.inode.flags = INODE_FLAG_XATTR
+        xnode.inode.nlink = 1
+        try:
+            self.write(xnode, 0, blob)
+        except FsError:
+            self.free_inode(xnode)
+            raise
         if inode.xattr_ino:
-            xnode = self.node(inode.xattr_ino)
-        else:
-            xnode = self.alloc_inode(stat.S_IFREG, 0, 0, now_ns, inode.qtree)
-            xnode.inode.flags = INODE_FLAG_XATTR
-            xnode.inode.nlink = 1
-            inode.xattr_ino = xnode.inode.ino
-            self.dirty_records.add(inode.ino)
-        self.truncate(xnode, 0)
-        self.write(xnode, 0, blob)
+            self.free_inode(self.node(inode.xattr_ino))
+        inode.xattr_ino = xnode.inode.ino
+        self.dirty_records.add(inode.ino)
 
     # ---- consistency point ----------------------------------------------------------------
     def flush(self, batch: WriteBatch) -> TreeRoot:

@@ -158,6 +158,11 @@ class BlockTree:
             self.dirty_nodes.add((h, 0))
             self.height = h
 
+    def ensure_capacity(self, fbn: int) -> None:
+        """Grow the tree so block `fbn` is addressable (callers then fill dirty_data)."""
+        if fbn >= self.capacity():
+            self._grow_to(fbn)
+
     def write_block(self, fbn: int, data: bytes) -> None:
         if len(data) != BLOCK_SIZE:
             raise ValueError("write_block takes whole blocks")
