@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import cast
 
+import numpy as np
+
 from snapvol.device import Device
 from snapvol.errors import CorruptionError
 from snapvol.layout.checksum import block_checksum
@@ -99,17 +101,14 @@ class WriteBatch:
         return len(self.blocks)
 
     def write_to(self, dev: Device) -> None:
+        """Write every block, in VBN order, one vectored call per contiguous run."""
         if not self.blocks:
             return
-        vbns = sorted(self.blocks)
-        start = prev = vbns[0]
-        run: list[bytes] = [self.blocks[start]]
-        for vbn in vbns[1:]:
-            if vbn == prev + 1 and len(run) < MAX_IOV:
-                run.append(self.blocks[vbn])
-            else:
-                dev.writev(start, run)
-                start, run = vbn, [self.blocks[vbn]]
-            prev = vbn
-        dev.writev(start, run)
-        self.blocks.clear()
+        vbns = np.array(sorted(self.blocks), dtype=np.int64)
+        breaks = (np.flatnonzero(np.diff(vbns) != 1) + 1).tolist()
+        blocks = self.blocks
+        for lo, hi in zip([0, *breaks], [*breaks, len(vbns)], strict=True):
+            for at in range(lo, hi, MAX_IOV):
+                run = vbns[at : min(hi, at + MAX_IOV)].tolist()
+                dev.writev(run[0], [blocks[v] for v in run])
+        blocks.clear()

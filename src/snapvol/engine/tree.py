@@ -307,14 +307,13 @@ class BlockTree:
         get = self.dirty_data.__getitem__ if data_of is None else data_of
         data_keys = sorted(f for (lvl, f) in self.fresh if lvl == 0)
         if data_keys:
-            fbns = np.array(data_keys, dtype=np.int64)
-            vbns = np.array([self.fresh[(0, f)] for f in data_keys], dtype=np.uint64)
-            csums = np.empty(len(data_keys), dtype=np.uint64)
-            for i, (f, v) in enumerate(zip(data_keys, vbns.tolist(), strict=True)):
-                d = get(f)
-                csums[i] = block_checksum(d, v)
-                batch.add(v, d)
-            self._place(0, fbns, vbns, csums)
+            fresh = self.fresh
+            vlist = [fresh[(0, f)] for f in data_keys]
+            datas = [get(f) for f in data_keys]
+            clist = [block_checksum(d, v) for d, v in zip(datas, vlist, strict=True)]
+            batch.blocks.update(zip(vlist, datas, strict=True))
+            self._place(0, np.array(data_keys, dtype=np.int64),
+                        np.array(vlist, dtype=np.uint64), np.array(clist, dtype=np.uint64))
         for level in range(1, self.height + 1):
             keys = sorted(i for (lvl, i) in self.dirty_nodes if lvl == level)
             if not keys:
