@@ -282,9 +282,10 @@ class Image:
         if offset >= end:
             return b""
         first, last = offset // BLOCK_SIZE, (end - 1) // BLOCK_SIZE
-        blocks = node.tree.read_blocks(first, last - first + 1)
-        data = b"".join(blocks)
         lo = offset - first * BLOCK_SIZE
+        if first == last:
+            return node.tree.read_block(first)[lo : lo + end - offset]
+        data = b"".join(node.tree.read_blocks(first, last - first + 1))
         return data[lo : lo + end - offset]
 
     def write(self, node: Node, offset: int, data: bytes | memoryview) -> int:

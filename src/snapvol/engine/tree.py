@@ -25,6 +25,7 @@ from snapvol.layout.constants import BLOCK_SIZE, MAX_HEIGHT, PTR_SHIFT, PTRS_PER
 from snapvol.layout.pointer import PTR_DTYPE, decode_node, empty_node
 
 ZERO_BLOCK = bytes(BLOCK_SIZE)
+SMALL_READ = 4  # reads of this many blocks or fewer go block by block
 _MASK = PTRS_PER_BLOCK - 1
 
 NodeKey = tuple[int, int]
@@ -120,6 +121,8 @@ class BlockTree:
 
     def read_blocks(self, first: int, count: int) -> list[bytes]:
         """Blocks [first, first+count), reading contiguous on-disk runs in one call."""
+        if count <= SMALL_READ:  # small files: plain lookups beat array set-up
+            return [self.read_block(f) for f in range(first, first + count)]
         vbns, csums = self.ptr_range(first, count)
         out: list[bytes] = [ZERO_BLOCK] * count
         dirty = self.dirty_data

@@ -76,7 +76,7 @@ class Inode:
             raise ValueError("short inode record")
         (mode, nlink, uid, gid, size, gen, qtree, flags, at, mt, ct, bt, rdev, xino, blocks,
          height, _version) = _FMT.unpack_from(data)
-        ptrs = np.frombuffer(bytes(data[_PTRS_AT:INODE_SIZE]), dtype=PTR_DTYPE).copy()
+        ptrs = np.frombuffer(data, dtype=PTR_DTYPE, count=INODE_DIRECT, offset=_PTRS_AT).copy()
         return cls(ino, mode, nlink, uid, gid, size, gen, qtree, flags, at, mt, ct, bt, rdev,
                    xino, blocks, height, ptrs)
 
