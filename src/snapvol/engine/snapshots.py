@@ -28,6 +28,7 @@ from snapvol.layout.constants import (
 from snapvol.layout.snaptable import SnapEntry
 from snapvol.planes import Plane
 from snapvol.planes.algebra import union_into_blocks
+from snapvol.planes.plane import bit_positions
 
 if TYPE_CHECKING:
     from snapvol.engine.volume import Volume
@@ -196,14 +197,22 @@ def delete(vol: Volume, name: str) -> int:
         del table.slots[slot]
         others = [snapshot_plane(vol, e) for e in table.entries()]
         summary = vol.summary_plane
+        released: list[np.ndarray] = []
         for pb in gone.nonzero_blocks().tolist():
             words = np.zeros(512, dtype=np.uint64)
             for p in others:
                 words |= p.words[pb * 512 : (pb + 1) * 512]
             if not np.array_equal(summary.words[pb * 512 : (pb + 1) * 512], words):
+                held = summary.words[pb * 512 : (pb + 1) * 512] & ~words
+                held &= ~vol.active_plane.words[pb * 512 : (pb + 1) * 512]
+                released.append(bit_positions(held) + np.uint64(pb * 512 * 64))
                 summary.words[pb * 512 : (pb + 1) * 512] = words
                 summary.mark_dirty(pb)
         assert vol.alloc is not None
+        # The committed root still lists the snapshot until this CP lands: its blocks are
+        # reusable only after the commit, like any block freed since the last CP.
+        if released:
+            vol.alloc.free_many(np.concatenate(released))
         vol.alloc.recount()
         vol.snaps_dirty = True
         vol.cp(force=True)
