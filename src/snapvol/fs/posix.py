@@ -526,11 +526,7 @@ class FileSystem:
         if flags & XATTR_REPLACE and raw not in attrs:
             raise fs_error(errno.ENODATA, f"xattr {os.fsdecode(raw)}")
         attrs[raw] = bytes(value)
-        now = _now()
-        img.set_xattrs(node, attrs, now)
-        node.inode.ctime_ns = now
-        img.mark_dirty(node)
-        self._changed()
+        self._store_xattrs(img, node, attrs)
 
     @_locked
     def removexattr(self, ino: int, name: str | bytes) -> None:
@@ -541,6 +537,9 @@ class FileSystem:
         if raw not in attrs:
             raise fs_error(errno.ENODATA, f"xattr {os.fsdecode(raw)}")
         del attrs[raw]
+        self._store_xattrs(img, node, attrs)
+
+    def _store_xattrs(self, img: Image, node: Node, attrs: dict[bytes, bytes]) -> None:
         now = _now()
         img.set_xattrs(node, attrs, now)
         node.inode.ctime_ns = now

@@ -24,6 +24,21 @@ class RecordError(ValueError):
     """A fixed record failed validation; the message says which check."""
 
 
+def seal(body: bytes) -> bytes:
+    """Pad a record to a block and end it with the checksum of everything before."""
+    body += bytes(BLOCK_SIZE - len(body) - 8)
+    return body + struct.pack("<Q", record_checksum(body))
+
+
+def unseal(data: bytes, magic: bytes, what: str) -> None:
+    """Check a sealed record's magic and checksum; RecordError names what failed."""
+    if len(data) < BLOCK_SIZE or data[: len(magic)] != magic:
+        raise RecordError(f"no {what} (bad magic)")
+    body, (csum,) = data[: BLOCK_SIZE - 8], struct.unpack("<Q", data[BLOCK_SIZE - 8 : BLOCK_SIZE])
+    if record_checksum(body) != csum:
+        raise RecordError(f"{what} checksum mismatch")
+
+
 @dataclass(frozen=True, slots=True)
 class TreeRoot:
     """Where a metadata file's block tree starts: one top pointer, height, size in blocks.
@@ -59,19 +74,13 @@ class Superblock:
     _FMT = struct.Struct("<8sIIQ16sq")
 
     def encode(self) -> bytes:
-        body = self._FMT.pack(
+        return seal(self._FMT.pack(
             SUPER_MAGIC, self.version, self.block_size, self.nblocks, self.uuid, self.created_ns
-        )
-        body += bytes(BLOCK_SIZE - len(body) - 8)
-        return body + struct.pack("<Q", record_checksum(body))
+        ))
 
     @classmethod
     def decode(cls, data: bytes) -> Superblock:
-        if len(data) < BLOCK_SIZE or data[:8] != SUPER_MAGIC:
-            raise RecordError("no snapvol superblock (bad magic)")
-        body, (csum,) = data[: BLOCK_SIZE - 8], struct.unpack("<Q", data[BLOCK_SIZE - 8 :])
-        if record_checksum(body) != csum:
-            raise RecordError("superblock checksum mismatch")
+        unseal(data, SUPER_MAGIC, "snapvol superblock")
         _magic, version, bsize, nblocks, uid, created = cls._FMT.unpack_from(data)
         if version != FORMAT_VERSION:
             raise RecordError(
@@ -114,17 +123,11 @@ class RootRecord:
             t.encode()
             for t in (self.inode_file, self.active_plane, self.summary_plane, self.snap_table)
         )
-        body = head + trees
-        body += bytes(BLOCK_SIZE - len(body) - 8)
-        return body + struct.pack("<Q", record_checksum(body))
+        return seal(head + trees)
 
     @classmethod
     def decode(cls, data: bytes) -> RootRecord:
-        if len(data) < BLOCK_SIZE or data[:8] != ROOT_MAGIC:
-            raise RecordError("no root record (bad magic)")
-        body, (csum,) = data[: BLOCK_SIZE - 8], struct.unpack("<Q", data[BLOCK_SIZE - 8 :])
-        if record_checksum(body) != csum:
-            raise RecordError("root record checksum mismatch")
+        unseal(data, ROOT_MAGIC, "root record")
         _magic, version, _flags, cp, t, uid, nblocks, next_snap = cls._HEAD.unpack_from(data)
         if version != FORMAT_VERSION:
             raise RecordError(f"root record version {version} is not supported")
