@@ -17,6 +17,7 @@ from rich.table import Table
 
 from snapvol.cli.files import cat, get, ls, put, rm
 from snapvol.cli.output import console, print_json, show_time
+from snapvol.cli.progress import check_progress
 from snapvol.cli.session import open_volume
 from snapvol.cli.sizes import human_size, size_option
 from snapvol.cli.snap import snap
@@ -100,8 +101,8 @@ def info(image: str, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def fsck(image: str, as_json: bool) -> None:
     """Check a volume (read-only): exit 0 when clean, 1 with the problems otherwise."""
-    with open_volume(image, writable=False) as vol:
-        report = check(vol)
+    with open_volume(image, writable=False) as vol, check_progress() as progress:
+        report = check(vol, progress)
     stats = dict(report.stats)
     if as_json:
         print_json({"image": image, "clean": report.clean, "problems": report.problems,

@@ -1,4 +1,5 @@
-"""The progress bar of put and get: entries and bytes, on stderr, only on a terminal.
+"""Progress bars (put and get: entries and bytes; fsck: inodes per image), drawn on
+stderr only on a terminal.
 
 When stdout or stderr is not a terminal (a script, a pipe, a log) nothing is drawn.
 """
@@ -7,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from rich.console import Console
 from rich.progress import (
@@ -41,7 +42,7 @@ class _Bar:
 
 @contextlib.contextmanager
 def copy_progress(verb: str) -> Iterator[CopyProgress | None]:
-    if not (sys.stdout.isatty() and sys.stderr.isatty()):
+    if not _on_terminal():
         yield None
         return
     columns = (
@@ -54,3 +55,26 @@ def copy_progress(verb: str) -> Iterator[CopyProgress | None]:
     )
     with Progress(*columns, console=Console(stderr=True), transient=True) as progress:
         yield _Bar(progress, verb)
+
+
+def _on_terminal() -> bool:
+    return sys.stdout.isatty() and sys.stderr.isatty()
+
+
+@contextlib.contextmanager
+def check_progress() -> Iterator[Callable[[str, int, int], None] | None]:
+    """A callback for `snapvol.engine.fsck.check`: (image label, done, total)."""
+    if not _on_terminal():
+        yield None
+        return
+    columns = (TextColumn("checking {task.description}"), BarColumn(),
+               TextColumn("{task.completed}/{task.total} inodes"), TimeRemainingColumn())
+    with Progress(*columns, console=Console(stderr=True), transient=True) as progress:
+        tasks: dict[str, TaskID] = {}
+
+        def report(label: str, done: int, total: int) -> None:
+            if label not in tasks:
+                tasks[label] = progress.add_task(label, total=total)
+            progress.update(tasks[label], completed=done)
+
+        yield report

@@ -122,18 +122,20 @@ class _ImageCheck:
                 rec = Inode.decode(ino, memoryview(data)[i * INODE_SIZE : (i + 1) * INODE_SIZE])
                 if rec.allocated:
                     inodes[ino] = rec
-            if progress is not None and blk % 256 == 0:
-                progress(self.label, blk, nblk)
         self.report.bump("inodes", len(inodes))
         for ino in (INOMAP_INO, ROOT_INO):
             if ino not in inodes:
                 self.problem(f"reserved inode {ino} is missing")
                 return self.reach
         self._check_inomap(inodes)
+        if progress is not None:
+            progress(self.label, 0, len(inodes))
         links: dict[int, int] = {}
         subdirs: dict[int, int] = {}
         xattr_owner: dict[int, int] = {}
-        for ino, rec in inodes.items():
+        for done, (ino, rec) in enumerate(inodes.items()):
+            if progress is not None and done % 1024 == 0:
+                progress(self.label, done, len(inodes))
             node = Node(rec, BlockTree(img.io, rec.ptrs, rec.height))
             img.nodes[ino] = node
             held = self.walk_tree(f"inode {ino}", node.tree)
@@ -146,6 +148,8 @@ class _ImageCheck:
             if rec.is_dir:
                 self._check_dir(ino, node, inodes, links, subdirs)
             img.nodes.pop(ino, None)
+        if progress is not None:
+            progress(self.label, len(inodes), len(inodes))
         for ino, rec in inodes.items():
             if ino == INOMAP_INO or rec.flags & INODE_FLAG_XATTR:
                 if rec.flags & INODE_FLAG_XATTR and ino not in xattr_owner:
