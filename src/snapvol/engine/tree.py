@@ -68,12 +68,12 @@ class BlockTree:
     # ---- reading ----------------------------------------------------------------------
     def _ptr_of(self, level: int, idx: int) -> tuple[int, int]:
         if level == self.height:
-            if idx >= self.fanout_top:
+            if idx >= len(self.top):
                 return 0, 0
-            p = self.top[idx]
+            vbn, csum = self.top.item(idx)
         else:
-            p = self.node(level + 1, idx >> PTR_SHIFT)[idx & _MASK]
-        return int(p["vbn"]), int(p["csum"])
+            vbn, csum = self.node(level + 1, idx >> PTR_SHIFT).item(idx & _MASK)
+        return vbn, csum
 
     def node(self, level: int, idx: int) -> np.ndarray:
         key = (level, idx)
@@ -85,7 +85,7 @@ class BlockTree:
         return n
 
     def data_ptr(self, fbn: int) -> tuple[int, int]:
-        if fbn >= self.capacity():
+        if fbn >= len(self.top) << (PTR_SHIFT * self.height):
             return 0, 0
         return self._ptr_of(0, fbn)
 

@@ -36,8 +36,10 @@ SYMLINK_MAX = 4095
 LINK_MAX = 65000
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Stat:
+    """A file's attributes at one moment (a copy: changing it changes nothing)."""
+
     ino: int
     mode: int
     nlink: int
