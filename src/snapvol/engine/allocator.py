@@ -31,7 +31,6 @@ class Allocator:
         self._deferred_list: list[np.ndarray] = []
         self.cursor = FIRST_DATA_VBN
         self.busy = union(active, summary).count()
-        self.allocated_this_cp = 0
 
     @property
     def free(self) -> int:
@@ -57,7 +56,6 @@ class Allocator:
         if self.cursor >= self.nblocks:
             self.cursor = FIRST_DATA_VBN
         self.busy += n
-        self.allocated_this_cp += n
         return vbns
 
     def _alloc_small(self, n: int) -> np.ndarray | None:
@@ -84,7 +82,6 @@ class Allocator:
                         self.active.set(v)
                     self.cursor = vbn + 1 if vbn + 1 < self.nblocks else FIRST_DATA_VBN
                     self.busy += n
-                    self.allocated_this_cp += n
                     return np.array(got, dtype=np.uint64)
                 free ^= low
             word += 1
@@ -109,7 +106,6 @@ class Allocator:
             self.busy -= int(np.count_nonzero(~still))
             self._deferred_list.clear()
         self.deferred.mark_clean()
-        self.allocated_this_cp = 0
 
     def recount(self) -> None:
         """Recompute the busy count after the summary plane shrank (snapshot deletion)."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import stat
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -50,7 +50,6 @@ class Node:
     tree: BlockTree
     dir: Directory | None = None
     opened: int = 0  # open handles (unlinked files live on until the last close)
-    extra: dict[str, object] = field(default_factory=dict)
 
 
 class _DirStore:
@@ -63,7 +62,10 @@ class _DirStore:
         return self.node.tree.read_block(fbn)
 
     def write_block(self, fbn: int, data: bytes) -> None:
-        self.image._write_block(self.node, fbn, data, meta=True)
+        # The Directory writes lazily (at flush, or when its node cache evicts), for
+        # changes whose space was admitted when they were made; admitting again here
+        # could start a CP in the middle of the Directory's own bookkeeping.
+        self.image._write_block(self.node, fbn, data, admit=False)
 
     def punch_block(self, fbn: int) -> None:
         self.image._touch(self.node)
@@ -267,10 +269,11 @@ class Image:
         self._freed_records[inode.ino] = node.inode
 
     # ---- file data --------------------------------------------------------------------
-    def _write_block(self, node: Node, fbn: int, data: bytes, meta: bool = False) -> None:
+    def _write_block(self, node: Node, fbn: int, data: bytes, meta: bool = False,
+                     admit: bool = True) -> None:
         tree = node.tree
         if fbn not in tree.dirty_data:
-            if self.admit is not None:
+            if admit and self.admit is not None:
                 self.admit(1, meta)
             self.dirty_data_blocks += 1
         tree.write_block(fbn, data)

@@ -108,12 +108,6 @@ class SnapshotTable:
             raise SnapshotError(f"no snapshot named {name!r} (snapshots: {names})")
         return found[1]
 
-    def by_guid(self, guid: bytes) -> SnapEntry | None:
-        for e in self.slots.values():
-            if e.guid == guid:
-                return e
-        return None
-
     def __len__(self) -> int:
         return len(self.slots)
 

@@ -13,7 +13,6 @@ import stat
 import threading
 import time
 import uuid as uuidlib
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -96,7 +95,6 @@ class Volume:
         self.mutex = threading.RLock()
         self.cp_interval = DEFAULT_CP_INTERVAL
         self.dirty_limit = DEFAULT_DIRTY_LIMIT
-        self.cp_hooks: list[Callable[[CPStats], None]] = []
         self._timer: threading.Thread | None = None
         self._stop = threading.Event()
         self.closed = False
@@ -280,8 +278,6 @@ class Volume:
                 stats = self._cp(t0)
             finally:
                 self._in_cp = False
-            for hook in self.cp_hooks:
-                hook(stats)
             return stats
 
     def _cp(self, t0: float) -> CPStats:

@@ -240,6 +240,7 @@ class FileSystem:
         node.inode.nlink = 2
         img.format_directory(node, parent)
         pnode.inode.nlink += 1
+        img.mark_dirty(pnode)
         self._changed()
         return self._stat(node)
 
