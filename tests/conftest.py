@@ -12,12 +12,18 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 from model import Entry, Form
 from snapvol.device import MemoryDevice
 from snapvol.engine.volume import Volume
 from snapvol.fs import FileSystem
 from snapvol.layout.constants import ROOT_INO
+
+# No per-example deadline anywhere: on a loaded 2-core CI machine a slow example is not a
+# failure, and a timing flake would hide the real ones.
+settings.register_profile("snapvol", deadline=None)
+settings.load_profile("snapvol")
 
 MEM_BLOCKS = 4096  # 16 MiB: room for the tests' data, small enough to fill on purpose
 IMAGE_BYTES = 64 << 20
