@@ -417,9 +417,8 @@ sys.stdin.read()
 """
 
 
-@pytest.fixture
-def holder(image: Path) -> Iterator[tuple[subprocess.Popen[str], Path]]:
-    """Another process holding an exclusive lock on the image until the test ends."""
+def _spawn_holder(image: Path) -> subprocess.Popen[str]:
+    """Another process holding an exclusive lock on the image until its stdin closes."""
     proc = subprocess.Popen(
         [sys.executable, "-c", HOLDER, str(image), "x"],
         stdin=subprocess.PIPE,
@@ -428,6 +427,14 @@ def holder(image: Path) -> Iterator[tuple[subprocess.Popen[str], Path]]:
     )
     assert proc.stdout is not None and proc.stdin is not None
     assert proc.stdout.readline().strip() == "locked"
+    return proc
+
+
+@pytest.fixture
+def holder(image: Path) -> Iterator[tuple[subprocess.Popen[str], Path]]:
+    """Another process holding an exclusive lock on the image until the test ends."""
+    proc = _spawn_holder(image)
+    assert proc.stdin is not None
     yield proc, image
     proc.stdin.close()
     proc.wait(timeout=10)
@@ -458,14 +465,8 @@ def test_reader_refused_while_writer_holds(holder: tuple[subprocess.Popen[str], 
 
 
 def test_lock_released_when_holder_exits(image: Path) -> None:
-    proc = subprocess.Popen(
-        [sys.executable, "-c", HOLDER, str(image), "x"],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    assert proc.stdout is not None and proc.stdin is not None
-    assert proc.stdout.readline().strip() == "locked"
+    proc = _spawn_holder(image)
+    assert proc.stdin is not None
     proc.stdin.close()
     proc.wait(timeout=10)
     with open_device(image, writable=True) as dev:

@@ -36,6 +36,11 @@ class Allocator:
     def free(self) -> int:
         return self.nblocks - self.busy
 
+    @property
+    def frees_pending(self) -> bool:
+        """Blocks were freed since the last commit (a CP would make them reusable)."""
+        return bool(self._deferred_list)
+
     def alloc(self, n: int) -> np.ndarray:
         """n free blocks, in runs from the cursor, as an ascending-by-run uint64 array."""
         if n == 0:

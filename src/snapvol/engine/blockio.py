@@ -21,6 +21,14 @@ MAX_IOV = 512
 STREAM_RUN = 16  # runs longer than this are not cached
 
 
+def _verify(data: bytes | memoryview, vbn: int, csum: int) -> None:
+    if block_checksum(data, vbn) != csum:
+        raise CorruptionError(
+            f"block {vbn}: checksum mismatch (expected {csum:016x}); the volume is "
+            "damaged there: run 'snapvol fsck'"
+        )
+
+
 class BlockIO:
     def __init__(self, dev: Device, cache_bytes: int = 128 << 20) -> None:
         self.dev = dev
@@ -38,11 +46,7 @@ class BlockIO:
             raise CorruptionError(f"block pointer to VBN {vbn} is outside the volume")
         data = self.dev.read(vbn)
         self.reads += 1
-        if block_checksum(data, vbn) != csum:
-            raise CorruptionError(
-                f"block {vbn}: checksum mismatch (expected {csum:016x}); the volume is "
-                "damaged there: run 'snapvol fsck'"
-            )
+        _verify(data, vbn, csum)
         self._remember(key, data)
         return data
 
@@ -64,11 +68,7 @@ class BlockIO:
         out: list[bytes] = []
         for i, c in enumerate(csums):
             blk = mv[i * BLOCK_SIZE : (i + 1) * BLOCK_SIZE]
-            if block_checksum(blk, vbn + i) != c:
-                raise CorruptionError(
-                    f"block {vbn + i}: checksum mismatch (expected {c:016x}); the volume is "
-                    "damaged there: run 'snapvol fsck'"
-                )
+            _verify(blk, vbn + i, c)
             data = bytes(blk)
             if n <= STREAM_RUN:
                 self._remember((vbn + i, c), data)

@@ -237,7 +237,7 @@ class Volume:
         need = self.active.pending_blocks() + n + (0 if meta else self.meta_reserve)
         if need <= self.alloc.free:
             return
-        if (self.alloc._deferred_list or self.active.dirty) and not self._in_cp:
+        if (self.alloc.frees_pending or self.active.dirty) and not self._in_cp:
             # Blocks freed since the last CP become free at commit, and committing turns
             # the pessimistic estimate of what is dirty into exact usage.
             self.cp()
@@ -263,7 +263,7 @@ class Volume:
     def dirty(self) -> bool:
         return self.active.dirty or self.snaps_dirty or bool(
             self.summary_plane.dirty_blocks()) or bool(
-            self.alloc is not None and self.alloc._deferred_list)
+            self.alloc is not None and self.alloc.frees_pending)
 
     def cp(self, force: bool = False) -> CPStats | None:
         """Commit every change as one consistency point. Returns None if nothing changed."""

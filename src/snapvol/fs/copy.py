@@ -195,14 +195,27 @@ def _host_xattrs(path: bytes) -> dict[str, bytes]:
     return out
 
 
-class _Putter:
+class _Copier:
+    """What put and get share: the volume, the progress sink, the counts."""
+
     def __init__(self, fs: FileSystem, progress: Progress | None) -> None:
         self.fs = fs
         self.progress = progress
         self.stats = CopyStats()
+        self.current = b""  # the path being copied, for error messages
+
+    def _advance(self, mode: int, nbytes: int = 0) -> None:
+        if mode:
+            _count_kind(mode, self.stats)
+        if self.progress is not None:
+            self.progress.advance(1, nbytes)
+
+
+class _Putter(_Copier):
+    def __init__(self, fs: FileSystem, progress: Progress | None) -> None:
+        super().__init__(fs, progress)
         self.created = False
         self.links: dict[tuple[int, int], int] = {}  # host (dev, ino) -> volume inode
-        self.current = b""
 
     def run(self, src: bytes, st: os.stat_result, parent: int, name: bytes) -> None:
         try:
@@ -252,12 +265,6 @@ class _Putter:
         for path, st, ino in reversed(dirs):
             self.current = path
             self._put_attrs(path, ino, st)
-
-    def _advance(self, mode: int, nbytes: int = 0) -> None:
-        if mode:
-            _count_kind(mode, self.stats)
-        if self.progress is not None:
-            self.progress.advance(1, nbytes)
 
     def _put_data(self, path: bytes, ino: int, size: int) -> None:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
@@ -359,14 +366,11 @@ def _volume_totals(fs: FileSystem, tops: list[Stat]) -> tuple[int, int]:
     return files, nbytes
 
 
-class _Getter:
+class _Getter(_Copier):
     def __init__(self, fs: FileSystem, progress: Progress | None) -> None:
-        self.fs = fs
-        self.progress = progress
-        self.stats = CopyStats()
+        super().__init__(fs, progress)
         self.created: list[bytes] = []  # top-level host paths made, for undoing a failure
         self.links: dict[int, bytes] = {}  # volume inode -> host path of its first link
-        self.current = b""
         self.root = os.geteuid() == 0
 
     def run(self, ino: int, st: Stat, dest: bytes) -> None:
@@ -428,12 +432,6 @@ class _Getter:
     def _made(self, path: bytes, top: bytes) -> None:
         if path == top:
             self.created.append(path)
-
-    def _advance(self, mode: int, nbytes: int = 0) -> None:
-        if mode:
-            _count_kind(mode, self.stats)
-        if self.progress is not None:
-            self.progress.advance(1, nbytes)
 
     def _get_data(self, ino: int, size: int, path: bytes) -> None:
         """Write the file's data extents, then set the size: holes stay holes, and a
