@@ -132,6 +132,8 @@ class _ImageCheck:
             progress(self.label, 0, len(inodes))
         links: dict[int, int] = {}
         subdirs: dict[int, int] = {}
+        dotdot: dict[int, int] = {}  # directory -> the parent its header names
+        named_in: dict[int, int] = {}  # directory -> the directory whose entry names it
         xattr_owner: dict[int, int] = {}
         for done, (ino, rec) in enumerate(inodes.items()):
             if progress is not None and done % 1024 == 0:
@@ -146,10 +148,13 @@ class _ImageCheck:
                     self.problem(f"inode {ino}: bad xattr inode {rec.xattr_ino}")
                 xattr_owner[rec.xattr_ino] = ino
             if rec.is_dir:
-                self._check_dir(ino, node, inodes, links, subdirs)
+                self._check_dir(ino, node, inodes, links, subdirs, dotdot, named_in)
             img.nodes.pop(ino, None)
         if progress is not None:
             progress(self.label, len(inodes), len(inodes))
+        for child, parent in named_in.items():
+            if dotdot.get(child, parent) != parent:
+                self.problem(f"directory {child}: '..' does not name {parent}")
         for ino, rec in inodes.items():
             if ino == INOMAP_INO or rec.flags & INODE_FLAG_XATTR:
                 if rec.flags & INODE_FLAG_XATTR and ino not in xattr_owner:
@@ -176,12 +181,13 @@ class _ImageCheck:
             self.problem(f"inode {ino} is marked in the inode map but not allocated")
 
     def _check_dir(self, ino: int, node: Node, inodes: dict[int, Inode], links: dict[int, int],
-                   subdirs: dict[int, int]) -> None:
+                   subdirs: dict[int, int], dotdot: dict[int, int],
+                   named_in: dict[int, int]) -> None:
         try:
             d = self.image.directory(node)
             for p in d.check():
                 self.problem(f"directory {ino}: {p}")
-            parent = d.parent_ino
+            parent = dotdot[ino] = d.parent_ino
             if parent not in inodes or not inodes[parent].is_dir:
                 self.problem(f"directory {ino}: '..' names inode {parent}, not a directory")
             count = 0
@@ -198,17 +204,11 @@ class _ImageCheck:
                 links[e.ino] = links.get(e.ino, 0) + 1
                 if child.is_dir:
                     subdirs[ino] = subdirs.get(ino, 0) + 1
-                    if self._parent_of(e.ino, inodes) != ino:
-                        self.problem(f"directory {e.ino}: '..' does not name {ino}")
+                    named_in[e.ino] = ino
             if count != len(d):
                 self.problem(f"directory {ino}: header counts {len(d)} entries, found {count}")
         except SnapvolError as e:
             self.problem(f"directory {ino}: {e}")
-
-    def _parent_of(self, ino: int, inodes: dict[int, Inode]) -> int:
-        rec = inodes[ino]
-        node = Node(rec, BlockTree(self.image.io, rec.ptrs, rec.height))
-        return self.image.directory(node).parent_ino
 
 
 def check(vol: Volume, progress: Progress | None = None) -> FsckReport:
