@@ -32,7 +32,15 @@ import numpy as np  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from bench import big_dir, plane_algebra, seq_io, small_files, snap_create  # noqa: E402
+from bench import (  # noqa: E402
+    big_dir,
+    image_transfer,
+    plane_algebra,
+    replicate_tree,
+    seq_io,
+    small_files,
+    snap_create,
+)
 from bench.common import (  # noqa: E402
     SCALES,
     Context,
@@ -41,8 +49,10 @@ from bench.common import (  # noqa: E402
     profile_summary,
     scale_from_env,
 )
+from snapvol.runtime import tune_gc  # noqa: E402
 
-BENCHMARKS: list[ModuleType] = [seq_io, snap_create, plane_algebra, small_files, big_dir]
+BENCHMARKS: list[ModuleType] = [seq_io, snap_create, plane_algebra, small_files, big_dir,
+                                image_transfer, replicate_tree]
 DEFAULT_JSON = ROOT / "bench" / "results" / "latest.json"
 
 
@@ -111,6 +121,7 @@ def render(figures: list[Figure], errors: dict[str, str], console: Console,
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    tune_gc()  # the settings the snapvol commands and the mount daemon run with
     if args.scale is not None:
         os.environ["SNAPVOL_BENCH_SCALE"] = args.scale
     scale = scale_from_env()

@@ -11,20 +11,28 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import Any
 
 import click
 from rich.table import Table
 
+from snapvol.cli.dump import dump_cmd, restore_cmd
 from snapvol.cli.files import cat, get, ls, put, rm
+from snapvol.cli.mount import mount, mounted, mounts, remote, unmount
 from snapvol.cli.output import console, print_json, show_time
 from snapvol.cli.progress import check_progress
+from snapvol.cli.replicate import replicate_cmd
 from snapvol.cli.session import open_volume
 from snapvol.cli.sizes import human_size, size_option
 from snapvol.cli.snap import snap
+from snapvol.cli.transfer import receive_cmd, receive_facts, send
+from snapvol.cli.verify import verify
 from snapvol.engine.fsck import check
 from snapvol.engine.volume import Volume
 from snapvol.errors import SnapvolError
+from snapvol.fuse.control import fsck_result, volume_facts
 from snapvol.layout.constants import BLOCK_SIZE
+from snapvol.runtime import tune_gc
 
 EXIT_PROBLEMS = 1
 EXIT_ERROR = 2
@@ -55,23 +63,13 @@ def create(image: str, size: int) -> None:
 @click.argument("image")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (sizes in bytes).")
 def info(image: str, as_json: bool) -> None:
-    """Show a volume's identity and space."""
-    with open_volume(image, writable=False) as vol:
-        usage = vol.usage()
-        facts: dict[str, object] = {
-            "image": image,
-            "format_version": vol.sb.version,
-            "uuid": vol.sb.uuid_str,
-            "block_size": BLOCK_SIZE,
-            "size": usage["total"] * BLOCK_SIZE,
-            "used": usage["used"] * BLOCK_SIZE,
-            "free": usage["free"] * BLOCK_SIZE,
-            "snapshot_only": usage["snapshot_only"] * BLOCK_SIZE,
-            "cp_count": vol.root.cp_count,
-            "last_cp_ns": vol.root.time_ns,
-            "created_ns": vol.sb.created_ns,
-            "snapshots": len(vol.snapshots),
-        }
+    """Show a volume's identity and space (through its mount process if it is mounted)."""
+    if (live := mounted(image)) is not None:
+        facts: dict[str, Any] = remote(live, "info")
+    else:
+        with open_volume(image, writable=False) as vol:
+            facts = volume_facts(vol, image)
+            facts.update(receive_facts(vol))
     if as_json:
         print_json(facts)
         return
@@ -82,15 +80,18 @@ def info(image: str, as_json: bool) -> None:
         ("image", image),
         ("format version", str(facts["format_version"])),
         ("uuid", str(facts["uuid"])),
-        ("created", show_time(vol.sb.created_ns)),
-        ("size", human_size(usage["total"] * BLOCK_SIZE)),
-        ("used", human_size(usage["used"] * BLOCK_SIZE)),
-        ("free", human_size(usage["free"] * BLOCK_SIZE)),
-        ("held only by snapshots", human_size(usage["snapshot_only"] * BLOCK_SIZE)),
-        ("consistency points", str(vol.root.cp_count)),
-        ("last CP", show_time(vol.root.time_ns)),
+        ("created", show_time(facts["created_ns"])),
+        ("size", human_size(facts["size"])),
+        ("used", human_size(facts["used"])),
+        ("free", human_size(facts["free"])),
+        ("held only by snapshots", human_size(facts["snapshot_only"])),
+        ("consistency points", str(facts["cp_count"])),
+        ("last CP", show_time(facts["last_cp_ns"])),
         ("snapshots", str(facts["snapshots"])),
     ]
+    if facts.get("resume_token"):
+        rows.append(("partial receive", f"{facts['receiving']}, resume token "
+                                        f"{facts['resume_token']}"))
     for row in rows:
         table.add_row(*row)
     console().print(table)
@@ -99,25 +100,41 @@ def info(image: str, as_json: bool) -> None:
 @cli.command()
 @click.argument("image")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def fsck(image: str, as_json: bool) -> None:
+@click.option("--online", is_flag=True,
+              help="If IMAGE is mounted, have its mount process check it (after a CP).")
+def fsck(image: str, as_json: bool, online: bool) -> None:
     """Check a volume (read-only): exit 0 when clean, 1 with the problems otherwise."""
-    with open_volume(image, writable=False) as vol, check_progress() as progress:
-        report = check(vol, progress)
-    stats = dict(report.stats)
-    if as_json:
-        print_json({"image": image, "clean": report.clean, "problems": report.problems,
-                    "stats": stats})
+    live = mounted(image)
+    if live is not None and not online:
+        raise SnapvolError(f"{image} is mounted on {live.mountpoint}: check it there with "
+                           f"`snapvol fsck --online {image}`, or unmount it first")
+    if live is not None:
+        result: dict[str, Any] = remote(live, "fsck")
     else:
-        for problem in report.problems:
+        with open_volume(image, writable=False) as vol, check_progress() as progress:
+            result = fsck_result(check(vol, progress))
+    clean, problems, stats = result["clean"], result["problems"], result["stats"]
+    if as_json:
+        print_json({"image": image, "clean": clean, "problems": problems, "stats": stats})
+    else:
+        for problem in problems:
             click.echo(f"problem: {problem}")
         counted = ", ".join(f"{value} {key}" for key, value in stats.items())
-        verdict = "clean" if report.clean else f"{len(report.problems)} problem(s)"
+        verdict = "clean" if clean else f"{len(problems)} problem(s)"
         click.echo(f"{image}: {verdict}" + (f" ({counted})" if counted else ""))
-    if not report.clean:
+    if not clean:
         raise click.exceptions.Exit(EXIT_PROBLEMS)
 
 
 cli.add_command(snap)
+cli.add_command(send)
+cli.add_command(receive_cmd)
+cli.add_command(verify)
+cli.add_command(dump_cmd)
+cli.add_command(restore_cmd)
+cli.add_command(replicate_cmd)
+for command in (mount, unmount, mounts):
+    cli.add_command(command)
 for command in (put, get, ls, cat, rm):
     cli.add_command(command)
 
@@ -128,6 +145,7 @@ def _fail(message: str) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Run the command line; exit 0, 1 (fsck found problems) or 2 (an error)."""
+    tune_gc()
     try:
         code = cli.main(args=argv, prog_name="snapvol", standalone_mode=False)
     except click.exceptions.Abort:

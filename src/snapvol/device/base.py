@@ -54,6 +54,11 @@ class Device(abc.ABC):
     def read(self, vbn: int, count: int = 1) -> bytes:
         """Return `count` blocks starting at `vbn`; never-written blocks read as zeros."""
 
+    def read_block(self, vbn: int) -> bytes:
+        """One block: the call the block cache makes on every miss, so devices that can
+        do it in fewer steps than read() override it."""
+        return self.read(vbn)
+
     @abc.abstractmethod
     def write(self, vbn: int, data: Buffer) -> None:
         """Write a contiguous run of whole blocks starting at `vbn`."""

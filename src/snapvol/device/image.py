@@ -57,6 +57,13 @@ class ImageDevice(Device):
             raise ValueError(f"{self.path} is closed")
         return self._fd
 
+    def read_block(self, vbn: int) -> bytes:
+        if 0 <= vbn < self.nblocks:
+            data = os.pread(self.fd, BLOCK_SIZE, vbn * BLOCK_SIZE)
+            if len(data) == BLOCK_SIZE:
+                return data
+        return self.read(vbn)  # out of range (refused there) or a short read
+
     def read(self, vbn: int, count: int = 1) -> bytes:
         self.check_run(vbn, count)
         want = count * BLOCK_SIZE

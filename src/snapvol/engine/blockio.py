@@ -14,11 +14,12 @@ import numpy as np
 
 from snapvol.device import Device
 from snapvol.errors import CorruptionError
-from snapvol.layout.checksum import block_checksum
+from snapvol.layout.checksum import block_checksum, xxh3_64
 from snapvol.layout.constants import BLOCK_SIZE
 
 MAX_IOV = 512
 STREAM_RUN = 16  # runs longer than this are not cached
+_xxh3 = xxh3_64
 
 
 def _verify(data: bytes | memoryview, vbn: int, csum: int) -> None:
@@ -44,10 +45,14 @@ class BlockIO:
             return data
         if not 0 < vbn < self.dev.nblocks:
             raise CorruptionError(f"block pointer to VBN {vbn} is outside the volume")
-        data = self.dev.read(vbn)
+        data = self.dev.read_block(vbn)
         self.reads += 1
-        _verify(data, vbn, csum)
-        self._remember(key, data)
+        if _xxh3(data, vbn) != csum:
+            _verify(data, vbn, csum)  # raises, naming the block
+        cache = self._cache
+        cache[key] = data
+        if len(cache) > self._cache_max:
+            cache.popitem(last=False)
         return data
 
     def read_run(self, vbn: int, csums: list[int]) -> list[bytes]:

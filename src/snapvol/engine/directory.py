@@ -288,6 +288,54 @@ class Directory:
             return None
         return self._entry(scan.leaf, scan.index)
 
+    def find(self, name: bytes) -> tuple[int, int] | None:
+        """(ino, dtype) of the entry called `name`, or None.
+
+        The path lookups take on every open: the same answer as lookup(), without the
+        descent path, scan record and entry object that insert and remove need. A
+        collision group that runs past its leaf takes the general path.
+        """
+        if not 0 < len(name) <= MAX_NAME or b"/" in name or b"\0" in name or (
+                name == b"." or name == b".."):
+            check_name(name)  # raises, naming the reason
+        base = name_group(name) << SEQ_BITS
+        top = base | SEQ_MASK
+        cache = self._cache
+        before = len(cache)
+        fbn = self._root
+        upper: int | None = None
+        for _ in range(self._height - 1):
+            inner = cache.get(fbn)
+            if inner is None:
+                inner = self._internal(fbn)
+            else:
+                cache.move_to_end(fbn)
+                if not isinstance(inner, _Internal):
+                    inner = self._internal(fbn)  # raises, naming the block
+            keys = inner.keys
+            i = bisect_right(keys, base)
+            if i < len(keys):
+                upper = keys[i]
+            fbn = inner.children[i]
+        leaf = cache.get(fbn)
+        if leaf is None or not isinstance(leaf, _Leaf):
+            leaf = self._leaf(fbn)
+        else:
+            cache.move_to_end(fbn)
+        if len(cache) != before:
+            self._trim_cache()
+        keys, names = leaf.keys, leaf.names
+        n = len(keys)
+        i = bisect_left(keys, base)
+        while i < n and keys[i] <= top:
+            if names[i] == name:
+                return leaf.inos[i], leaf.dtypes[i]
+            i += 1
+        if i < n or upper is None or upper > top:
+            return None
+        e = self.lookup(name)  # the group continues in the next leaf
+        return None if e is None else (e.ino, e.dtype)
+
     def insert(self, name: bytes, ino: int, dtype: int) -> DirEntry:
         """Add an entry; FileExistsError if the name is taken."""
         check_name(name)

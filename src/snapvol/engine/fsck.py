@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from snapvol.engine.image import INODE_FLAG_XATTR, Image, Node
+from snapvol.engine import shadows
+from snapvol.engine.image import INODE_FLAG_SYSTEM, INODE_FLAG_XATTR, Image, Node
 from snapvol.engine.tree import BlockTree
 from snapvol.engine.volume import Volume, load_plane, tree_of
 from snapvol.errors import SnapvolError
@@ -138,7 +139,7 @@ class _ImageCheck:
         for done, (ino, rec) in enumerate(inodes.items()):
             if progress is not None and done % 1024 == 0:
                 progress(self.label, done, len(inodes))
-            node = Node(rec, BlockTree(img.io, rec.ptrs, rec.height))
+            node = Node(rec, img.io, None)
             img.nodes[ino] = node
             held = self.walk_tree(f"inode {ino}", node.tree)
             if held != rec.blocks:
@@ -156,7 +157,7 @@ class _ImageCheck:
             if dotdot.get(child, parent) != parent:
                 self.problem(f"directory {child}: '..' does not name {parent}")
         for ino, rec in inodes.items():
-            if ino == INOMAP_INO or rec.flags & INODE_FLAG_XATTR:
+            if ino == INOMAP_INO or rec.flags & (INODE_FLAG_XATTR | INODE_FLAG_SYSTEM):
                 if rec.flags & INODE_FLAG_XATTR and ino not in xattr_owner:
                     self.problem(f"inode {ino}: orphaned xattr inode")
                 continue
@@ -169,8 +170,7 @@ class _ImageCheck:
         return self.reach
 
     def _check_inomap(self, inodes: dict[int, Inode]) -> None:
-        node = Node(inodes[INOMAP_INO], BlockTree(self.image.io, inodes[INOMAP_INO].ptrs,
-                                                  inodes[INOMAP_INO].height))
+        node = Node(inodes[INOMAP_INO], self.image.io, None)
         raw = self.image.read(node, 0, node.inode.size)
         bits = np.unpackbits(np.frombuffer(raw, dtype=np.uint8), bitorder="little")
         marked = set(np.flatnonzero(bits).tolist())
@@ -221,12 +221,14 @@ def check(vol: Volume, progress: Progress | None = None) -> FsckReport:
         r = vol.root
         images = [("active file system", (r.inode_file, r.active_plane, r.summary_plane,
                                           r.snap_table))]
-        for e in vol.snapshots.entries():
+        for e in vol.snapshots.regular():
             images.append((f"snapshot {e.name!r}", e.trees))
         planes = []
         for label, trees in images:
             chk = _ImageCheck(vol, label, trees, report, verified)
             reach = chk.run(progress)
+            if label == "active file system" and r.receive.ptr.vbn:
+                chk.walk_tree("receive state", tree_of(vol.io, r.receive))
             try:
                 plane = load_plane(vol.io, trees[1], vol.nblocks)
             except SnapvolError as e:
@@ -246,6 +248,50 @@ def check(vol: Volume, progress: Progress | None = None) -> FsckReport:
         want = union(*planes[1:]) if len(planes) > 1 else Plane.zeros(vol.nblocks)
         if summary != want:
             report.add("summary plane", "is not the union of the snapshot planes")
+        _check_shadows(vol, report)
         report.stats["snapshots"] = len(images) - 1
         report.stats["bytes_used"] = planes[0].count() * BLOCK_SIZE if planes else 0
     return report
+
+
+def _check_shadows(vol: Volume, report: FsckReport) -> None:
+    """Shadow snapshots: no trees, planes only in their own slots' regions, and a shadow
+    made from a snapshot still held equals that snapshot's plane (its blocks
+    were never reusable, so no bit can have been cleared)."""
+    from snapvol.engine.snapshots import snapshot_plane
+
+    table = vol.snapshots
+    slots = set(table.shadow_slots())
+    pbs = vol.active_plane.plane_blocks
+    tree = tree_of(vol.io, vol.root.snap_table)
+    try:
+        mapped = tree.mapped_fbns()
+    except SnapvolError as err:
+        report.add("snapshot table", f"unreadable: {err}")
+        return
+    for fbn in mapped[mapped >= shadows.SHADOW_BASE].tolist():
+        slot = shadows.region_slot(fbn, pbs)
+        if slot not in slots:
+            report.add("snapshot table", f"block {fbn} holds a shadow plane for slot {slot}, "
+                                         "which is not a shadow snapshot")
+            break
+    regular = {r.guid: r for r in table.regular()}
+    for slot in sorted(slots):
+        e = table.slots[slot]
+        label = f"shadow snapshot {e.name!r}"
+        report.bump("shadows")
+        if any(t != TreeRoot() for t in e.trees):
+            report.add(label, "has tree roots (a shadow's blocks may be reused)")
+        try:
+            plane = shadows.load(tree, slot, vol.nblocks)
+        except (SnapvolError, ValueError) as err:
+            report.add(label, f"plane unreadable: {err}")
+            continue
+        twin = regular.get(e.guid)
+        if twin is None or twin.cp_count != e.cp_count:
+            continue
+        want = snapshot_plane(vol, twin)
+        want.clear_range(0, FIRST_DATA_VBN)  # fixed blocks are never in a shadow
+        if plane != want:
+            report.add(label, f"differs from the plane of snapshot {twin.name!r}, which it "
+                              "was made from and which still holds its blocks")

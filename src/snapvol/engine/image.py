@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import stat
 import struct
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -21,6 +20,7 @@ from snapvol.errors import FsError, fs_error
 from snapvol.layout.constants import (
     BLOCK_SIZE,
     FIRST_USER_INO,
+    INODE_DIRECT,
     INODE_SIZE,
     INODES_PER_BLOCK,
     INOMAP_INO,
@@ -40,16 +40,44 @@ XATTR_SIZE_MAX = 65536
 INODE_FLAG_XATTR = 1  # the inode holds another inode's xattrs, not user data
 INODE_FLAG_SYSTEM = 2  # a fixed metadata inode (the inode map)
 NODE_CACHE_SIZE = 65536  # loaded inodes kept after a CP
+IBLOCK_CACHE_SIZE = 8192  # inode-file blocks (131,072 inodes) found without a pointer walk
 
 
-@dataclass(slots=True, eq=False)
 class Node:
-    """A loaded inode with its block tree (and directory, for directories)."""
+    """A loaded inode, with its block tree and (for directories) its Directory.
 
-    inode: Inode
-    tree: BlockTree
-    dir: Directory | None = None
-    opened: int = 0  # open handles (unlinked files live on until the last close)
+    The tree is made on first use: looking a file up or reading a small one needs only
+    the inode, and a node that never builds a tree costs two objects, not seven (which
+    matters to the garbage collector when a million inodes pass through the cache).
+    """
+
+    __slots__ = ("_space", "_tree", "dir", "inode", "io", "opened")
+
+    def __init__(self, inode: Inode, io: BlockIO, space: BlockSpace | None,
+                 tree: BlockTree | None = None) -> None:
+        self.inode = inode
+        self.io = io
+        self._space = space
+        self._tree = tree
+        self.dir: Directory | None = None
+        self.opened = 0  # open handles (unlinked files live on until the last close)
+
+    @property
+    def tree(self) -> BlockTree:
+        t = self._tree
+        if t is None:
+            i = self.inode
+            t = self._tree = BlockTree(self.io, i.ptrs, i.height, self._space)
+        return t
+
+    @tree.setter
+    def tree(self, tree: BlockTree) -> None:
+        self._tree = tree
+
+    @property
+    def has_tree(self) -> bool:
+        """Whether the tree was built (a node without one has no unwritten blocks)."""
+        return self._tree is not None
 
 
 class _DirStore:
@@ -122,6 +150,9 @@ class Image:
         self._inomap_dirty: set[int] = set()
         self._ino_hint = FIRST_USER_INO
         self._freed_records: dict[int, Inode] = {}
+        # Inode-file blocks by block number, as of the last CP (a flush clears it): saves
+        # the pointer walk on every inode load. The bytes are the block cache's own.
+        self._iblocks: dict[int, bytes] = {}
 
     @property
     def writable(self) -> bool:
@@ -147,9 +178,14 @@ class Image:
         if freed is not None:
             return freed.copy()
         blk = ino // INODES_PER_BLOCK
-        if blk >= self.inode_blocks:
-            return Inode(ino)
-        data = self.itree.read_block(blk)
+        data = self._iblocks.get(blk)
+        if data is None:
+            if blk >= self.inode_blocks:
+                return Inode(ino)
+            data = self.itree.read_block(blk)
+            if len(self._iblocks) >= IBLOCK_CACHE_SIZE:
+                self._iblocks.clear()
+            self._iblocks[blk] = data
         off = (ino % INODES_PER_BLOCK) * INODE_SIZE
         return Inode.decode(ino, memoryview(data)[off : off + INODE_SIZE])
 
@@ -162,7 +198,7 @@ class Image:
             inode = self._record(ino)
             if not inode.allocated:
                 raise fs_error(ENOENT, f"inode {ino}")
-            n = Node(inode, BlockTree(self.io, inode.ptrs, inode.height, self.space))
+            n = Node(inode, self.io, self.space)
             self.nodes[ino] = n
         return n
 
@@ -211,7 +247,7 @@ class Image:
         inode = Inode(ino, mode=mode, nlink=0, uid=uid, gid=gid, generation=old.generation + 1,
                       qtree=qtree, atime_ns=now_ns, mtime_ns=now_ns, ctime_ns=now_ns,
                       btime_ns=now_ns)
-        node = Node(inode, BlockTree(self.io, inode.ptrs, 0, self.space))
+        node = Node(inode, self.io, self.space)
         self.nodes[ino] = node
         self.dirty_records.add(ino)
         return node
@@ -220,7 +256,7 @@ class Image:
         """Make one of the fixed inodes (the inode map, the root directory) at format time."""
         inode = Inode(ino, mode=mode, nlink=1, generation=1, atime_ns=now_ns, mtime_ns=now_ns,
                       ctime_ns=now_ns, btime_ns=now_ns)
-        node = Node(inode, BlockTree(self.io, inode.ptrs, 0, self.space))
+        node = Node(inode, self.io, self.space)
         self.nodes[ino] = node
         self.dirty_records.add(ino)
         bits = self._inomap if self._inomap is not None else np.zeros(BLOCK_SIZE, np.uint8)
@@ -287,7 +323,14 @@ class Image:
         first, last = offset // BLOCK_SIZE, (end - 1) // BLOCK_SIZE
         lo = offset - first * BLOCK_SIZE
         if first == last:
-            return node.tree.read_block(first)[lo : lo + end - offset]
+            if not node.has_tree and inode.height == 0 and first < INODE_DIRECT:
+                # Small files, the commonest read: the pointer is in the inode, and a
+                # node without a tree has nothing unwritten.
+                vbn, csum = inode.ptr(first)
+                block = ZERO_BLOCK if vbn == 0 else self.io.read(vbn, csum)
+            else:
+                block = node.tree.read_block(first)
+            return block[lo : lo + end - offset]
         data = b"".join(node.tree.read_blocks(first, last - first + 1))
         return data[lo : lo + end - offset]
 
@@ -442,6 +485,7 @@ class Image:
             rec = n.inode if n is not None else self._freed_records.get(ino)
             if rec is not None:
                 by_block.setdefault(ino // INODES_PER_BLOCK, []).append(rec)
+        self._iblocks.clear()
         for blk, recs in sorted(by_block.items()):
             old = self.itree.read_block(blk) if blk < self.inode_blocks else ZERO_BLOCK
             buf = bytearray(old)

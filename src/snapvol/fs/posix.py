@@ -34,6 +34,7 @@ XATTR_CREATE = 1
 XATTR_REPLACE = 2
 SYMLINK_MAX = 4095
 LINK_MAX = 65000
+_S_IFMT = 0o170000
 
 
 @dataclass(slots=True)
@@ -157,18 +158,20 @@ class FileSystem:
             raise fs_error(errno.ENOTDIR, f"inode {ino}")
         return node
 
-    @_locked
     def lookup(self, parent: int, name: str | bytes) -> Stat:
-        raw = _name(name)
-        pnode = self._dirnode(parent)
-        if raw == b".":
-            return self._stat(pnode)
-        if raw == b"..":
-            return self._stat(self.image.node(self.image.directory(pnode).parent_ino))
-        e = self.image.directory(pnode).lookup(raw) if len(raw) <= 255 else None
-        if e is None:
-            raise fs_error(errno.ENOENT, os.fsdecode(raw))
-        return self._stat(self.image.node(e.ino))
+        # The hottest path (every open and stat): locked inline rather than by _locked.
+        raw = name if type(name) is bytes else _name(name)
+        with self.vol.mutex:
+            img = self.image
+            pnode = self._dirnode(parent)
+            if raw == b".":
+                return self._stat(pnode)
+            if raw == b"..":
+                return self._stat(img.node(img.directory(pnode).parent_ino))
+            found = img.directory(pnode).find(raw) if len(raw) <= 255 else None
+            if found is None:
+                raise fs_error(errno.ENOENT, os.fsdecode(raw))
+            return self._stat(img.node(found[0]))
 
     @_locked
     def readdir(self, ino: int, after: int = 0) -> list[tuple[bytes, int, int, int]]:
@@ -442,12 +445,13 @@ class FileSystem:
         sp.inode.mtime_ns = dp.inode.mtime_ns = now
 
     # ---- data -------------------------------------------------------------------------------
-    @_locked
     def read(self, ino: int, offset: int, size: int) -> bytes:
-        node = self.image.node(ino)
-        if node.inode.is_dir:
-            raise fs_error(errno.EISDIR, f"inode {ino}")
-        return self.image.read(node, offset, size)
+        with self.vol.mutex:  # inline, as in lookup
+            img = self.image
+            node = img.node(ino)
+            if node.inode.mode & _S_IFMT == stat.S_IFDIR:
+                raise fs_error(errno.EISDIR, f"inode {ino}")
+            return img.read(node, offset, size)
 
     @_locked
     def write(self, ino: int, offset: int, data: bytes | memoryview) -> int:
@@ -552,9 +556,16 @@ class FileSystem:
     # ---- whole volume -------------------------------------------------------------------------
     @_locked
     def statfs(self) -> dict[str, int]:
+        """Space as df shows it: free blocks less what the changes since the last CP will
+        take (so a write shows at once), and available less the reserve only deletions
+        may use."""
         u = self.vol.usage()
-        return {"bsize": BLOCK_SIZE, "blocks": u["total"], "bfree": u["free"],
-                "bavail": u["free"], "namemax": 255}
+        free, avail = u["free"], u["free"]
+        if self.vol.writable:
+            free = max(0, free - self.vol.active.pending_blocks())
+            avail = max(0, free - self.vol.meta_reserve)
+        return {"bsize": BLOCK_SIZE, "blocks": u["total"], "bfree": free,
+                "bavail": avail, "namemax": 255}
 
     # ---- paths --------------------------------------------------------------------------------
     @_locked

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import xxhash
 
-_xxh3 = xxhash.xxh3_64_intdigest
+xxh3_64 = xxhash.xxh3_64_intdigest  # (data, seed) -> int; for hot loops that inline the check
+_xxh3 = xxh3_64
 
 
 def block_checksum(data: bytes | bytearray | memoryview, vbn: int) -> int:

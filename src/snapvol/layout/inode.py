@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import stat
 import struct
-from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -20,30 +19,71 @@ _FMT = struct.Struct("<IIIIQQIIqqqqQQQBB6x")
 _PTRS_AT = 128
 
 
-def _no_ptrs() -> np.ndarray:
-    return np.zeros(INODE_DIRECT, dtype=PTR_DTYPE)
+_PTR = struct.Struct("<QQ")
+_NO_PTRS = bytes(INODE_DIRECT * _PTR.size)
 
 
-@dataclass(slots=True, eq=False)
 class Inode:
-    ino: int
-    mode: int = 0
-    nlink: int = 0
-    uid: int = 0
-    gid: int = 0
-    size: int = 0
-    generation: int = 0
-    qtree: int = 0
-    flags: int = 0
-    atime_ns: int = 0
-    mtime_ns: int = 0
-    ctime_ns: int = 0
-    btime_ns: int = 0
-    rdev: int = 0
-    xattr_ino: int = 0
-    blocks: int = 0  # blocks held by this file's tree (data and indirect), for st_blocks
-    height: int = 0
-    ptrs: np.ndarray = field(default_factory=_no_ptrs)
+    """One inode record, decoded.
+
+    The eight top pointers stay as the record's bytes until something needs them as an
+    array (a block tree, an encode): a lookup, a stat or the read of a one-block file
+    never does, and decoding them is most of the cost of loading an inode.
+    """
+
+    __slots__ = ("_ptrs", "_raw_ptrs", "atime_ns", "blocks", "btime_ns", "ctime_ns", "flags",
+                 "generation", "gid", "height", "ino", "mode", "mtime_ns", "nlink", "qtree",
+                 "rdev", "size", "uid", "xattr_ino")
+
+    def __init__(self, ino: int, mode: int = 0, nlink: int = 0, uid: int = 0, gid: int = 0,
+                 size: int = 0, generation: int = 0, qtree: int = 0, flags: int = 0,
+                 atime_ns: int = 0, mtime_ns: int = 0, ctime_ns: int = 0, btime_ns: int = 0,
+                 rdev: int = 0, xattr_ino: int = 0, blocks: int = 0, height: int = 0,
+                 ptrs: np.ndarray | None = None, raw_ptrs: bytes = _NO_PTRS) -> None:
+        self.ino = ino
+        self.mode = mode
+        self.nlink = nlink
+        self.uid = uid
+        self.gid = gid
+        self.size = size
+        self.generation = generation
+        self.qtree = qtree
+        self.flags = flags
+        self.atime_ns = atime_ns
+        self.mtime_ns = mtime_ns
+        self.ctime_ns = ctime_ns
+        self.btime_ns = btime_ns
+        self.rdev = rdev
+        self.xattr_ino = xattr_ino
+        self.blocks = blocks  # blocks held by this file's tree (data and indirect)
+        self.height = height
+        self._ptrs = ptrs
+        self._raw_ptrs = raw_ptrs
+
+    @property
+    def ptrs(self) -> np.ndarray:
+        """The top pointers as a writable array (a block tree's `top` is this array)."""
+        p = self._ptrs
+        if p is None:
+            p = self._ptrs = np.frombuffer(self._raw_ptrs, dtype=PTR_DTYPE).copy()
+        return p
+
+    @ptrs.setter
+    def ptrs(self, value: np.ndarray) -> None:
+        self._ptrs = value
+
+    def ptr(self, i: int) -> tuple[int, int]:
+        """(vbn, csum) of top pointer i, without building the array."""
+        p = self._ptrs
+        if p is not None:
+            vbn, csum = p.item(i)
+            return vbn, csum
+        vbn, csum = _PTR.unpack_from(self._raw_ptrs, i * _PTR.size)
+        return vbn, csum
+
+    def __repr__(self) -> str:
+        return (f"Inode(ino={self.ino}, mode={self.mode:o}, nlink={self.nlink}, "
+                f"size={self.size}, generation={self.generation}, height={self.height})")
 
     @property
     def allocated(self) -> bool:
@@ -61,6 +101,10 @@ class Inode:
     def is_lnk(self) -> bool:
         return stat.S_ISLNK(self.mode)
 
+    def _ptr_bytes(self) -> bytes:
+        p = self._ptrs
+        return self._raw_ptrs if p is None else p.tobytes()
+
     def encode(self) -> bytes:
         head = _FMT.pack(
             self.mode, self.nlink, self.uid, self.gid, self.size, self.generation, self.qtree,
@@ -68,7 +112,7 @@ class Inode:
             self.xattr_ino, self.blocks, self.height, 1,
         )
         head += bytes(_PTRS_AT - len(head))
-        return head + self.ptrs.tobytes()
+        return head + self._ptr_bytes()
 
     @classmethod
     def decode(cls, ino: int, data: bytes | memoryview) -> Inode:
@@ -76,13 +120,14 @@ class Inode:
             raise ValueError("short inode record")
         (mode, nlink, uid, gid, size, gen, qtree, flags, at, mt, ct, bt, rdev, xino, blocks,
          height, _version) = _FMT.unpack_from(data)
-        ptrs = np.frombuffer(data, dtype=PTR_DTYPE, count=INODE_DIRECT, offset=_PTRS_AT).copy()
+        raw = bytes(data[_PTRS_AT:INODE_SIZE])
         return cls(ino, mode, nlink, uid, gid, size, gen, qtree, flags, at, mt, ct, bt, rdev,
-                   xino, blocks, height, ptrs)
+                   xino, blocks, height, None, raw)
 
     def copy(self) -> Inode:
         return Inode(
             self.ino, self.mode, self.nlink, self.uid, self.gid, self.size, self.generation,
             self.qtree, self.flags, self.atime_ns, self.mtime_ns, self.ctime_ns, self.btime_ns,
-            self.rdev, self.xattr_ino, self.blocks, self.height, self.ptrs.copy(),
+            self.rdev, self.xattr_ino, self.blocks, self.height,
+            None if self._ptrs is None else self._ptrs.copy(), self._raw_ptrs,
         )
