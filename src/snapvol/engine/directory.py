@@ -296,7 +296,7 @@ class Directory:
         collision group that runs past its leaf takes the general path.
         """
         if not 0 < len(name) <= MAX_NAME or b"/" in name or b"\0" in name or (
-                name == b"." or name == b".."):
+                name[0] == 46 and (name == b"." or name == b"..")):
             check_name(name)  # raises, naming the reason
         base = name_group(name) << SEQ_BITS
         top = base | SEQ_MASK

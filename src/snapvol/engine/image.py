@@ -323,7 +323,7 @@ class Image:
         first, last = offset // BLOCK_SIZE, (end - 1) // BLOCK_SIZE
         lo = offset - first * BLOCK_SIZE
         if first == last:
-            if not node.has_tree and inode.height == 0 and first < INODE_DIRECT:
+            if node._tree is None and inode.height == 0 and first < INODE_DIRECT:
                 # Small files, the commonest read: the pointer is in the inode, and a
                 # node without a tree has nothing unwritten.
                 vbn, csum = inode.ptr(first)
@@ -398,11 +398,12 @@ class Image:
 
     # ---- directories ------------------------------------------------------------------
     def directory(self, node: Node) -> Directory:
-        if not node.inode.is_dir:
-            raise fs_error(20, f"inode {node.inode.ino}")
-        if node.dir is None:
-            node.dir = Directory(_DirStore(self, node))
-        return node.dir
+        d = node.dir
+        if d is None:
+            if not node.inode.is_dir:
+                raise fs_error(20, f"inode {node.inode.ino}")
+            d = node.dir = Directory(_DirStore(self, node))
+        return d
 
     def format_directory(self, node: Node, parent_ino: int) -> Directory:
         node.dir = Directory.format(_DirStore(self, node), parent_ino)
@@ -503,16 +504,29 @@ class Image:
         return self.root()
 
     def evict_clean(self, keep: int = NODE_CACHE_SIZE) -> None:
-        """Forget loaded inodes beyond `keep` that hold no unwritten change and no open
-        handle; they are read again (through the block cache) when next used. Only call
-        between operations: a caller in the middle of one may hold a Node."""
-        if len(self.nodes) <= keep:
+        """Forget the longest-loaded inodes, down to `keep`, among those that hold no
+        unwritten change and no open handle; they are read again (through the block
+        cache) when next used. Only call between operations: a caller in the middle of
+        one may hold a Node."""
+        excess = len(self.nodes) - keep
+        if excess <= 0:
             return
         busy = self.dirty_records | self.dirty_trees
-        for ino in [i for i, n in self.nodes.items()
-                    if i not in busy and n.opened == 0 and i not in (INOMAP_INO, ROOT_INO)
-                    and not (n.dir is not None and n.dir.dirty)]:
+        drop: list[int] = []
+        for i, n in self.nodes.items():  # in load order, oldest first
+            if (i not in busy and n.opened == 0 and i not in (INOMAP_INO, ROOT_INO)
+                    and not (n.dir is not None and n.dir.dirty)):
+                drop.append(i)
+                if len(drop) == excess:
+                    break
+        for ino in drop:
             del self.nodes[ino]
+
+    def bound_nodes(self) -> None:
+        """Keep a read-only workload (which never reaches a CP) from loading inodes
+        without limit: past twice the cache size, evict down to it. Between operations."""
+        if len(self.nodes) > 2 * NODE_CACHE_SIZE:
+            self.evict_clean()
 
     def pending_blocks(self) -> int:
         """Blocks the next CP needs at most for what is dirty now (an overestimate)."""

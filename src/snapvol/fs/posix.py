@@ -114,7 +114,9 @@ class FileSystem:
 
     @_locked
     def getattr(self, ino: int) -> Stat:
-        return self._stat(self.image.node(ino))
+        st = self._stat(self.image.node(ino))
+        self.image.bound_nodes()
+        return st
 
     @_locked
     def setattr(self, ino: int, *, mode: int | None = None, uid: int | None = None,
@@ -163,15 +165,22 @@ class FileSystem:
         raw = name if type(name) is bytes else _name(name)
         with self.vol.mutex:
             img = self.image
-            pnode = self._dirnode(parent)
-            if raw == b".":
-                return self._stat(pnode)
-            if raw == b"..":
+            pnode = img.nodes.get(parent)
+            if pnode is None or pnode.dir is None:
+                pnode = self._dirnode(parent)
+            if raw == b"." or raw == b"..":
+                if raw == b".":
+                    return self._stat(pnode)
                 return self._stat(img.node(img.directory(pnode).parent_ino))
             found = img.directory(pnode).find(raw) if len(raw) <= 255 else None
             if found is None:
                 raise fs_error(errno.ENOENT, os.fsdecode(raw))
-            return self._stat(img.node(found[0]))
+            node = img.nodes.get(found[0])
+            if node is not None:
+                return self._stat(node)
+            st = self._stat(img.node(found[0]))
+            img.bound_nodes()
+            return st
 
     @_locked
     def readdir(self, ino: int, after: int = 0) -> list[tuple[bytes, int, int, int]]:
@@ -448,7 +457,9 @@ class FileSystem:
     def read(self, ino: int, offset: int, size: int) -> bytes:
         with self.vol.mutex:  # inline, as in lookup
             img = self.image
-            node = img.node(ino)
+            node = img.nodes.get(ino)
+            if node is None:
+                node = img.node(ino)
             if node.inode.mode & _S_IFMT == stat.S_IFDIR:
                 raise fs_error(errno.EISDIR, f"inode {ino}")
             return img.read(node, offset, size)
