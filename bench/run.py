@@ -34,6 +34,7 @@ from rich.table import Table  # noqa: E402
 
 from bench import (  # noqa: E402
     big_dir,
+    fuse_io,
     image_transfer,
     plane_algebra,
     replicate_tree,
@@ -52,7 +53,7 @@ from bench.common import (  # noqa: E402
 from snapvol.runtime import tune_gc  # noqa: E402
 
 BENCHMARKS: list[ModuleType] = [seq_io, snap_create, plane_algebra, small_files, big_dir,
-                                image_transfer, replicate_tree]
+                                image_transfer, replicate_tree, fuse_io]
 DEFAULT_JSON = ROOT / "bench" / "results" / "latest.json"
 
 

@@ -78,3 +78,21 @@ def check_progress() -> Iterator[Callable[[str, int, int], None] | None]:
             progress.update(tasks[label], completed=done)
 
         yield report
+
+
+@contextlib.contextmanager
+def byte_progress(verb: str) -> Iterator[Callable[[int, int], None] | None]:
+    """A (done bytes, total bytes) callback drawing bytes, rate and time left, for
+    `send` and `receive`; None off a terminal."""
+    if not _on_terminal():
+        yield None
+        return
+    columns = (TextColumn(verb), BarColumn(), DownloadColumn(binary_units=True),
+               TransferSpeedColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=Console(stderr=True), transient=True) as progress:
+        task = progress.add_task(verb, total=None)
+
+        def report(done: int, total: int) -> None:
+            progress.update(task, completed=done, total=max(total, done))
+
+        yield report

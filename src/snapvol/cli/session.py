@@ -16,12 +16,21 @@ import contextlib
 from collections.abc import Iterator
 
 from snapvol.engine.volume import Volume
-from snapvol.errors import SnapvolError
+from snapvol.errors import LockedError, SnapvolError
+from snapvol.fuse import registry
 
 
 @contextlib.contextmanager
 def open_volume(image: str, *, writable: bool) -> Iterator[Volume]:
-    vol = Volume.open(image, writable=writable)
+    try:
+        vol = Volume.open(image, writable=writable)
+    except LockedError:
+        live = registry.find_image(image)
+        if live is None:
+            raise
+        raise LockedError(f"{image} is mounted on {live.mountpoint} (process {live.pid}): "
+                          f"work in the mount, or run `snapvol unmount {live.mountpoint}` "
+                          "first") from None
     first_cp = vol.root.cp_count
     try:
         yield vol

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 from rich.table import Table
 
+from snapvol.cli.mount import mounted, remote
 from snapvol.cli.output import console, print_json, show_time
 from snapvol.cli.session import open_volume
 from snapvol.cli.sizes import human_size
@@ -20,11 +21,26 @@ def snap() -> None:
 @snap.command("create")
 @click.argument("image")
 @click.argument("name")
-def snap_create(image: str, name: str) -> None:
+@click.option("--shadow", is_flag=True,
+              help="A shadow snapshot (bookmark): a block plane that holds no space and "
+                   "can serve as the base of incremental sends, but cannot be read.")
+@click.option("--from", "source", metavar="SNAP",
+              help="With --shadow: shadow the existing snapshot SNAP (same GUID and CP), "
+                   "so SNAP can be deleted and still serve as a base.")
+def snap_create(image: str, name: str, shadow: bool, source: str | None) -> None:
     """Take snapshot NAME of the active file system."""
+    if source is not None and not shadow:
+        raise click.UsageError("--from needs --shadow: only a shadow snapshot is made "
+                               "from another snapshot")
+    if (live := mounted(image)) is not None:  # the mount process holds the volume
+        done = remote(live, "snap_create", name=name, shadow=shadow, source=source)
+        kind = "shadow snapshot" if shadow else "snapshot"
+        click.echo(f"created {kind} {name} at CP {done['cp_count']}")
+        return
     with open_volume(image, writable=True) as vol:
-        entry = snapshots.create(vol, name)
-    click.echo(f"created snapshot {name} at CP {entry.cp_count}")
+        entry = snapshots.create(vol, name, shadow=shadow, source=source)
+    kind = "shadow snapshot" if shadow else "snapshot"
+    click.echo(f"created {kind} {name} at CP {entry.cp_count}")
 
 
 @snap.command("delete")
@@ -32,6 +48,11 @@ def snap_create(image: str, name: str) -> None:
 @click.argument("name")
 def snap_delete(image: str, name: str) -> None:
     """Delete snapshot NAME, freeing the blocks only it held."""
+    if (live := mounted(image)) is not None:
+        done = remote(live, "snap_delete", name=name)
+        freed_bytes = done["freed_blocks"] * BLOCK_SIZE
+        click.echo(f"deleted snapshot {name}: {human_size(freed_bytes)} freed")
+        return
     with open_volume(image, writable=True) as vol:
         freed = snapshots.delete(vol, name)
     click.echo(f"deleted snapshot {name}: {human_size(freed * BLOCK_SIZE)} freed")
@@ -63,20 +84,25 @@ def snap_restore(image: str, name: str) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (space in bytes).")
 def snap_list(image: str, as_json: bool) -> None:
     """List snapshots, oldest first, with the space deleting each would free."""
-    with open_volume(image, writable=False) as vol:
-        infos = snapshots.infos(vol)
+    if (live := mounted(image)) is not None:
+        infos = [snapshots.SnapshotInfo(**row) for row in remote(live, "snap_list")]
+    else:
+        with open_volume(image, writable=False) as vol:
+            infos = snapshots.infos(vol)
     if as_json:
         print_json([{"name": i.name, "guid": i.guid, "snap_id": i.snap_id,
                      "cp_count": i.cp_count, "created_ns": i.created_ns,
+                     "shadow": i.shadow, "replica": i.replica,
                      "reclaimable": i.reclaimable_blocks * BLOCK_SIZE} for i in infos])
         return
     table = Table(box=None)
-    for title in ("name", "guid", "CP", "created"):
+    for title in ("name", "kind", "guid", "CP", "created"):
         table.add_column(title)
     table.add_column("reclaimable", justify="right")
     for i in infos:
-        table.add_row(i.name, i.guid, str(i.cp_count), show_time(i.created_ns),
-                      human_size(i.reclaimable_blocks * BLOCK_SIZE))
+        kind = "shadow" if i.shadow else "replica" if i.replica else "snapshot"
+        table.add_row(i.name, kind, i.guid, str(i.cp_count),
+                      show_time(i.created_ns), human_size(i.reclaimable_blocks * BLOCK_SIZE))
     if infos:
         console().print(table)
     else:

@@ -28,9 +28,16 @@ class Allocator:
         self.active = active
         self.summary = summary
         self.deferred = Plane.zeros(nblocks)
+        # Blocks an incoming image stream will fill (invariant 5): set by
+        # snapvol.image.receiver for the life of a partial receive, so no CP hands them out.
+        self.pinned = Plane.zeros(nblocks)
         self._deferred_list: list[np.ndarray] = []
         self.cursor = FIRST_DATA_VBN
         self.busy = union(active, summary).count()
+        # While shadow snapshots exist, every block handed out is recorded so the CP can
+        # clear it from their planes (a shadow never pins a block; reuse clears its bit).
+        self.watch_reuse = False
+        self._reused: list[np.ndarray] = []
 
     @property
     def free(self) -> int:
@@ -49,7 +56,8 @@ class Allocator:
             small = self._alloc_small(n)
             if small is not None:
                 return small
-        runs = find_free(self.cursor, n, self.active, self.summary, self.deferred)
+        runs = find_free(self.cursor, n, self.active, self.summary, self.deferred,
+                         self.pinned)
         got = sum(length for _, length in runs)
         if got < n:
             raise FsError(28, "volume is full: no free blocks left for this consistency point")
@@ -61,20 +69,36 @@ class Allocator:
         if self.cursor >= self.nblocks:
             self.cursor = FIRST_DATA_VBN
         self.busy += n
+        if self.watch_reuse:
+            self._reused.append(vbns)
         return vbns
+
+    def take_reused(self) -> np.ndarray:
+        """The blocks handed out since the last call (while `watch_reuse` is on)."""
+        if not self._reused:
+            return np.zeros(0, dtype=np.uint64)
+        out = np.concatenate(self._reused)
+        self._reused.clear()
+        return out
+
+    @property
+    def has_reused(self) -> bool:
+        return bool(self._reused)
 
     def _alloc_small(self, n: int) -> np.ndarray | None:
         """The first n free blocks from the cursor, found with integer bit tricks in the
         few words at the cursor; None when they do not hold n. The same blocks `find_free`
         would give, without its ~30 numpy calls: a CP of many small files allocates once
         per file, and that overhead was most of its cost."""
-        planes = (self.active.words, self.summary.words, self.deferred.words)
+        planes = (self.active.words, self.summary.words, self.deferred.words,
+                  self.pinned.words)
         word = self.cursor >> 6
         end = min(word + SMALL_SCAN_WORDS, len(planes[0]))
         mask = FULL & (FULL << (self.cursor & 63))
         got: list[int] = []
         while word < end:
-            free = ~(int(planes[0][word]) | int(planes[1][word]) | int(planes[2][word]))
+            free = ~(int(planes[0][word]) | int(planes[1][word]) | int(planes[2][word])
+                     | int(planes[3][word]))
             free &= mask
             while free:
                 low = free & -free
@@ -87,7 +111,10 @@ class Allocator:
                         self.active.set(v)
                     self.cursor = vbn + 1 if vbn + 1 < self.nblocks else FIRST_DATA_VBN
                     self.busy += n
-                    return np.array(got, dtype=np.uint64)
+                    out = np.array(got, dtype=np.uint64)
+                    if self.watch_reuse:
+                        self._reused.append(out)
+                    return out
                 free ^= low
             word += 1
             mask = FULL
@@ -107,11 +134,12 @@ class Allocator:
         if self._deferred_list:
             vbns = np.unique(np.concatenate(self._deferred_list))
             self.deferred.clear_many(vbns)
-            still = self.active.test_many(vbns) | self.summary.test_many(vbns)
+            still = (self.active.test_many(vbns) | self.summary.test_many(vbns)
+                     | self.pinned.test_many(vbns))
             self.busy -= int(np.count_nonzero(~still))
             self._deferred_list.clear()
         self.deferred.mark_clean()
 
     def recount(self) -> None:
         """Recompute the busy count after the summary plane shrank (snapshot deletion)."""
-        self.busy = union(self.active, self.summary, self.deferred).count()
+        self.busy = union(self.active, self.summary, self.deferred, self.pinned).count()

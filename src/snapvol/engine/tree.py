@@ -26,6 +26,8 @@ from snapvol.layout.pointer import PTR_DTYPE, decode_node, empty_node
 
 ZERO_BLOCK = bytes(BLOCK_SIZE)
 SMALL_READ = 4  # reads of this many blocks or fewer go block by block
+PREFETCH_MIN_READ = 32  # reads this long (128 KiB, the kernel's read-ahead) load ...
+PREFETCH_NODES = 32  # ... this many level-1 blocks at once (pointers for 32 MiB of data)
 _MASK = PTRS_PER_BLOCK - 1
 
 NodeKey = tuple[int, int]
@@ -112,12 +114,38 @@ class BlockTree:
         while pos < end:
             idx = pos >> PTR_SHIFT
             stop = min(end, (idx + 1) << PTR_SHIFT)
+            if count >= PREFETCH_MIN_READ and (1, idx) not in self.nodes:
+                self._prefetch_level1(idx)
             node = self.node(1, idx)
             lo, hi = pos & _MASK, ((stop - 1) & _MASK) + 1
             vbns[pos - first : stop - first] = node["vbn"][lo:hi]
             csums[pos - first : stop - first] = node["csum"][lo:hi]
             pos = stop
         return vbns, csums
+
+    def _prefetch_level1(self, idx: int) -> None:
+        """Load level-1 blocks idx, idx+1, ... (up to PREFETCH_NODES under one parent) in
+        as few reads as their on-disk runs allow. A CP places a file's level-1 blocks
+        together, so a long sequential read otherwise pays one random read per MiB of data
+        for its pointers (measured: 2 s of a 3.7 s cold read of 1 GiB)."""
+        if self.height < 2:
+            return
+        parent = self.node(2, idx >> PTR_SHIFT)
+        lo = idx & _MASK
+        hi = min(PTRS_PER_BLOCK, lo + PREFETCH_NODES)
+        wanted = sorted((int(v), int(c), idx - lo + i)
+                        for i, (v, c) in enumerate(parent[lo:hi].tolist())
+                        if v and (1, idx - lo + i) not in self.nodes)
+        start = 0
+        while start < len(wanted):
+            stop = start + 1
+            while stop < len(wanted) and wanted[stop][0] == wanted[stop - 1][0] + 1:
+                stop += 1
+            run = wanted[start:stop]
+            blocks = self.io.read_run(run[0][0], [c for _, c, _ in run])
+            for (_, _, j), data in zip(run, blocks, strict=True):
+                self.nodes[(1, j)] = decode_node(data)
+            start = stop
 
     def read_blocks(self, first: int, count: int) -> list[bytes]:
         """Blocks [first, first+count), reading contiguous on-disk runs in one call."""

@@ -150,13 +150,20 @@ class Volume:
         for vbn in ROOT_SLOT_VBNS:
             dev.write(vbn, ZERO_BLOCK)
         vol = cls(dev, "<format>", None, True, fresh=sb)
-        inomap = vol.active.create_reserved(INOMAP_INO, stat.S_IFREG, now)
-        inomap.inode.flags = INODE_FLAG_SYSTEM
-        rootdir = vol.active.create_reserved(ROOT_INO, stat.S_IFDIR | 0o755, now)
-        rootdir.inode.nlink = 2
-        vol.active.format_directory(rootdir, ROOT_INO)
+        vol.empty_file_system(now)
         vol.snaps_dirty = True
         vol.cp(force=True)
+
+    def empty_file_system(self, now: int) -> None:
+        """Make the active image a new, empty file system (the inode map and an empty
+        root directory), placed at the next CP. Used by `format`, and by a full image
+        receive to move a fresh destination's few blocks away from the incoming ones."""
+        self.active = Image(self.io, TreeRoot(), self.alloc, self._admit)
+        inomap = self.active.create_reserved(INOMAP_INO, stat.S_IFREG, now)
+        inomap.inode.flags = INODE_FLAG_SYSTEM
+        rootdir = self.active.create_reserved(ROOT_INO, stat.S_IFDIR | 0o755, now)
+        rootdir.inode.nlink = 2
+        self.active.format_directory(rootdir, ROOT_INO)
 
     @classmethod
     def open(cls, path: str | os.PathLike[str], writable: bool = True) -> Volume:
@@ -218,9 +225,25 @@ class Volume:
         self.summary_tree = tree_of(self.io, self.root.summary_plane, space)
         self.snap_tree = tree_of(self.io, self.root.snap_table, space)
         self.snapshots = SnapshotTable.load(self.snap_tree, self.root.snap_table.nblocks)
+        if self.alloc is not None:
+            self.alloc.watch_reuse = bool(self.snapshots.shadow_slots())
         self.snaps_dirty = False
         self.active = Image(self.io, self.root.inode_file, space,
                             self._admit if space is not None else None)
+        self._load_receive(space)
+
+    def _load_receive(self, space: Allocator | None) -> None:
+        """The state of a partial image-stream receive (snapvol.image.receiver): its file
+        starts with the selection plane, whose blocks stay pinned (invariant 5) until
+        the receive completes or is aborted, even across close and reopen."""
+        r = self.root
+        self.receive_tree = tree_of(self.io, r.receive, space)
+        self.receive_blocks = r.receive.nblocks
+        self.receive_done = r.receive_done
+        self.receive_flags = r.receive_flags
+        if space is not None and r.receive.nblocks:
+            space.pinned = load_plane(self.io, r.receive, self.nblocks)
+            space.recount()
 
     # ---- space --------------------------------------------------------------------------
     @property
@@ -285,14 +308,23 @@ class Volume:
         assert alloc is not None
         batch = WriteBatch()
         inode_root = self.active.flush(batch)
+        if self.receive_tree.dirty:
+            self.receive_tree.prepare()
         if self.snaps_dirty:
             self.snapshots.write_into(self.snap_tree)
+        summary = self.summary_plane
+        active = self.active_plane
+        while True:
+            # Blocks handed out so far leave the shadow planes (held in the table file);
+            # placing those planes hands out more, hence the loop (engine/shadows.py).
+            self._settle_shadows()
             if self.snap_tree.dirty:
                 self.snap_tree.prepare()
-        summary = self.summary_plane
-        self._prepare_plane(self.summary_tree, summary)
-        active = self.active_plane
-        self._prepare_plane(self.active_tree, active)
+            self._prepare_plane(self.summary_tree, summary)
+            self._prepare_plane(self.active_tree, active)
+            if not (alloc.watch_reuse and alloc.has_reused):
+                break
+        self.receive_tree.encode(batch)
         self.snap_tree.encode(batch)
         self.summary_tree.encode(batch, summary.block_bytes)
         self.active_tree.encode(batch, active.block_bytes)
@@ -309,6 +341,9 @@ class Volume:
             summary_plane=root_of(self.summary_tree, summary.plane_blocks),
             snap_table=root_of(self.snap_tree, self.snapshots.nblocks),
             next_snap_id=self.snapshots.next_id,
+            receive=root_of(self.receive_tree, self.receive_blocks),
+            receive_done=self.receive_done,
+            receive_flags=self.receive_flags,
         )
         slot = ROOT_SLOT_VBNS[root.cp_count % 2]
         self.dev.write(slot, root.encode())
@@ -320,6 +355,16 @@ class Volume:
         self.snaps_dirty = False
         self.last_cp_time = time.monotonic()
         return CPStats(root.cp_count, nwritten + 1, time.perf_counter() - t0)
+
+    def _settle_shadows(self) -> None:
+        """Clear the blocks allocated since the last call from every shadow plane."""
+        from snapvol.engine import shadows
+
+        alloc = self.alloc
+        assert alloc is not None
+        if alloc.watch_reuse and alloc.has_reused:
+            shadows.clear_reused(self.snap_tree, self.snapshots.shadow_slots(),
+                                 alloc.take_reused(), self.active_plane.plane_blocks)
 
     def _prepare_plane(self, tree: BlockTree, plane: Plane) -> None:
         """Place the changed blocks of a plane file, to a fixed point for the active plane:
@@ -374,6 +419,13 @@ class Volume:
     def snapshot_image(self, name: str) -> Image:
         """A read-only view of snapshot `name`."""
         entry = self.snapshots.get(name)
+        if entry.shadow:
+            from snapvol.engine.snapshots import SnapshotError
+
+            raise SnapshotError(
+                f"snapshot {name!r} is a shadow snapshot (a bookmark): it keeps a block "
+                "plane for incremental transfers but no tree to read; read a regular "
+                "snapshot instead")
         return Image(self.io, entry.inode_file)
 
     # ---- closing ----------------------------------------------------------------------------

@@ -26,6 +26,7 @@ SNAP_TABLE_BLOCKS = (MAX_SNAPSHOTS + SNAP_ENTRIES_PER_BLOCK) // SNAP_ENTRIES_PER
 # Reserved inode numbers. User inodes start at FIRST_USER_INO.
 INOMAP_INO = 1  # allocation bitmap of the inode file
 ROOT_INO = 2  # the root directory
+DUMPS_INO = 3  # the dump catalog (levelled dumps made of this volume), made on first dump
 FIRST_USER_INO = 16
 
 # Largest file size: 8 * 256**5 blocks would overflow what anyone needs; we cap the tree

@@ -109,9 +109,18 @@ class RootRecord:
     snap_table: TreeRoot = field(default_factory=TreeRoot)
     next_snap_id: int = 1
     version: int = FORMAT_VERSION
+    # A partial image-stream receive (snapvol.image): the receive-state file (the pinned
+    # selection plane, then the stream's header and table), how far the blocks are
+    # durable, and the state's flags. All zero when no receive is pending; older records
+    # have zeros there, so they read as "none".
+    receive: TreeRoot = field(default_factory=TreeRoot)
+    receive_done: int = 0
+    receive_flags: int = 0
 
     _HEAD = struct.Struct("<8sIIQq16sQQ")
     TREES_AT = 64
+    RECEIVE_AT = 192
+    _RECEIVE_TAIL = struct.Struct("<QI4x")
 
     def encode(self) -> bytes:
         head = self._HEAD.pack(
@@ -123,7 +132,9 @@ class RootRecord:
             t.encode()
             for t in (self.inode_file, self.active_plane, self.summary_plane, self.snap_table)
         )
-        return seal(head + trees)
+        tail = self.receive.encode() + self._RECEIVE_TAIL.pack(self.receive_done,
+                                                                self.receive_flags)
+        return seal(head + trees + tail)
 
     @classmethod
     def decode(cls, data: bytes) -> RootRecord:
@@ -133,4 +144,7 @@ class RootRecord:
             raise RecordError(f"root record version {version} is not supported")
         at = cls.TREES_AT
         ino, act, summ, snap = (TreeRoot.decode(data[at + i * TreeRoot.SIZE :]) for i in range(4))
-        return cls(cp, t, uid, nblocks, ino, act, summ, snap, next_snap, version)
+        recv = TreeRoot.decode(data[cls.RECEIVE_AT :])
+        done, rflags = cls._RECEIVE_TAIL.unpack_from(data, cls.RECEIVE_AT + TreeRoot.SIZE)
+        return cls(cp, t, uid, nblocks, ino, act, summ, snap, next_snap, version, recv, done,
+                   rflags)

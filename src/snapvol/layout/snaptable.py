@@ -16,6 +16,7 @@ from snapvol.layout.records import TreeRoot
 
 SNAP_IN_USE = 1
 SNAP_SHADOW = 2
+SNAP_REPLICA = 4  # made by `snapvol replicate`, which may retire it (never a user's)
 
 _FMT = struct.Struct("<IHH16sQqQ")
 _TREES_AT = 64
@@ -57,6 +58,16 @@ class SnapEntry:
         )
         name = bytes(data[_NAME_AT : _NAME_AT + nlen]).decode()
         return cls(snap_id, name, guid, cp, created, ino, act, summ, snap, flags)
+
+    @property
+    def shadow(self) -> bool:
+        """A shadow snapshot (bookmark): a plane and an identity, no readable tree."""
+        return bool(self.flags & SNAP_SHADOW)
+
+    @property
+    def replica(self) -> bool:
+        """Made by `snapvol replicate` for its own use."""
+        return bool(self.flags & SNAP_REPLICA)
 
     @property
     def trees(self) -> tuple[TreeRoot, TreeRoot, TreeRoot, TreeRoot]:

@@ -1,0 +1,229 @@
+"""Benchmark 8: a snapvol mount against a minimal passthrough FUSE file system.
+
+Both are real mounts served by their own processes on the same disk: `snapvol mount`
+(its volume image in the scratch directory) and bench/passthrough.py (over a directory
+beside it), with the same pyfuse3/trio machinery and mount options, so the ratio shows
+what snapvol adds to FUSE's own cost.
+
+- sequential write of `seq_bytes` in 1 MiB write(2) calls, then fsync (snapvol: a CP);
+- sequential read back in 1 MiB calls after a remount of both and with the backing files
+  evicted from the page cache (the kernel still reads ahead in 128 KiB requests);
+- `tar -x` of this machine's Python standard library (no __pycache__ or site-packages),
+  then one fsync (snapvol: a CP of everything) or syncfs of the passthrough's directory;
+- fsync latency: 4 KiB appended, then fsync, repeated; p50 and p99.
+
+Each side runs in alternating order over the rounds and keeps its best round.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tarfile
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from bench.common import Context, Figure, MiB, at_least_ratio, evict, sync_fs, with_anchor
+
+NAME = "fuse_io"
+TITLE = "8 FUSE mount"
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _wait_unmounted(path: Path, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while os.path.ismount(path):
+        if time.monotonic() > deadline:
+            subprocess.run(["fusermount3", "-u", "-z", str(path)], check=False)
+            return
+        time.sleep(0.05)
+
+
+@contextmanager
+def snapvol_mount(tmp: Path, size: int) -> Iterator[Path]:
+    """A new volume of `size` bytes mounted by `snapvol mount`; unmounted afterwards."""
+    image, mnt = tmp / "snapvol.img", tmp / "snapvol-mnt"
+    mnt.mkdir(exist_ok=True)
+    run_dir = tempfile.mkdtemp(prefix="svbench", dir="/tmp")
+    env = dict(os.environ, SNAPVOL_RUN_DIR=run_dir)
+    cli = [sys.executable, "-m", "snapvol.cli.main"]
+    if not image.exists():
+        subprocess.run([*cli, "create", str(image), "--size", str(size)], env=env, check=True,
+                       capture_output=True)
+    subprocess.run([*cli, "mount", str(image), str(mnt)], env=env, check=True,
+                   capture_output=True)
+    try:
+        yield mnt
+    finally:
+        subprocess.run([*cli, "unmount", str(mnt)], env=env, check=False, capture_output=True)
+        _wait_unmounted(mnt)
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+@contextmanager
+def passthrough_mount(tmp: Path) -> Iterator[Path]:
+    src, mnt = tmp / "pt-data", tmp / "pt-mnt"
+    src.mkdir(exist_ok=True)
+    mnt.mkdir(exist_ok=True)
+    proc = subprocess.Popen([sys.executable, str(ROOT / "bench" / "passthrough.py"), str(src),
+                             str(mnt)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        if proc.stdout.readline().strip() != "ready":
+            raise RuntimeError("the passthrough file system did not start")
+        yield mnt
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+        _wait_unmounted(mnt)
+
+
+def _write(path: Path, total: int, chunk: int, block: bytes) -> float:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        t0 = time.perf_counter()
+        for _ in range(0, total, chunk):
+            os.write(fd, block)
+        os.fsync(fd)
+        return time.perf_counter() - t0
+    finally:
+        os.close(fd)
+
+
+def _read(path: Path, total: int, chunk: int) -> float:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        t0 = time.perf_counter()
+        got = 0
+        while True:
+            n = len(os.read(fd, chunk))
+            if not n:
+                break
+            got += n
+        elapsed = time.perf_counter() - t0
+    finally:
+        os.close(fd)
+    if got != total:
+        raise AssertionError(f"{path}: read {got} of {total} bytes")
+    return elapsed
+
+
+def _fsync_latencies(path: Path, count: int) -> list[float]:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    block = os.urandom(4096)
+    out = []
+    try:
+        for _ in range(count):
+            os.write(fd, block)
+            t0 = time.perf_counter()
+            os.fsync(fd)
+            out.append(time.perf_counter() - t0)
+    finally:
+        os.close(fd)
+    return sorted(out)
+
+
+def _tar_source(ctx: Context, tmp: Path) -> tuple[Path, int]:
+    """A tar of the Python standard library (a small part of it at the tiny scale)."""
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    top = stdlib if ctx.scale.name != "tiny" else stdlib / "json"
+    archive = tmp / "stdlib.tar"
+
+    def keep(info: tarfile.TarInfo) -> tarfile.TarInfo | None:
+        parts = Path(info.name).parts
+        return None if "__pycache__" in parts or "site-packages" in parts else info
+
+    with tarfile.open(archive, "w") as tar:
+        tar.add(top, arcname="stdlib", filter=keep)
+    with tarfile.open(archive) as tar:
+        members = len(tar.getmembers())
+    return archive, members
+
+
+def _extract(archive: Path, dest: Path, durable: str) -> float:
+    target = dest / f"x{time.monotonic_ns()}"
+    target.mkdir()
+    t0 = time.perf_counter()
+    subprocess.run(["tar", "-C", str(target), "-xf", str(archive)], check=True)
+    if durable == "fsync":  # snapvol: one fsync commits a CP of everything
+        fd = os.open(target / "stdlib", os.O_RDONLY)
+        os.fsync(fd)
+        os.close(fd)
+    else:
+        sync_fs(dest)
+    return time.perf_counter() - t0
+
+
+def _round(ctx: Context, tmp: Path, archive: Path, snapvol_first: bool) -> dict[str, float]:
+    total, chunk = ctx.scale.seq_bytes, ctx.scale.seq_chunk
+    block = os.urandom(chunk)
+    count = 300 if ctx.scale.name != "tiny" else 20
+    out: dict[str, float] = {}
+    volume_size = 2 * total + 1024 * MiB
+    sides = [("snap", "fsync"), ("pt", "syncfs")]
+    if not snapvol_first:
+        sides.reverse()
+    for side, durable in sides:
+        mount = snapvol_mount(tmp, volume_size) if side == "snap" else passthrough_mount(tmp)
+        with mount as mnt:
+            ctx.say(f"{side}: write {total // MiB} MiB + fsync")
+            out[f"{side}_w"] = _write(mnt / "seq", total, chunk, block)
+            ctx.say(f"{side}: tar -x of {archive.name}")
+            out[f"{side}_tar"] = _extract(archive, mnt, durable)
+            lat = _fsync_latencies(mnt / "fsync-log", count)
+            out[f"{side}_p50"] = lat[len(lat) // 2]
+            out[f"{side}_p99"] = lat[min(len(lat) - 1, int(len(lat) * 0.99))]
+        backing = tmp / ("snapvol.img" if side == "snap" else "pt-data/seq")
+        evict(backing)
+        mount = snapvol_mount(tmp, volume_size) if side == "snap" else passthrough_mount(tmp)
+        with mount as mnt:
+            ctx.say(f"{side}: read back {total // MiB} MiB")
+            out[f"{side}_r"] = _read(mnt / "seq", total, chunk)
+        (tmp / "snapvol.img").unlink(missing_ok=True)
+        subprocess.run(["rm", "-rf", str(tmp / "pt-data")], check=True)
+    return out
+
+
+def run(ctx: Context) -> list[Figure]:
+    if not os.path.exists("/dev/fuse") or shutil.which("fusermount3") is None:
+        return [Figure(TITLE, "not run: needs /dev/fuse and fusermount3 (make install)", 0.0,
+                       "")]
+    total = ctx.scale.seq_bytes
+    mib = total / MiB
+    rounds: list[dict[str, float]] = []
+    with ctx.scratch(NAME) as tmp:
+        archive, members = _tar_source(ctx, tmp)
+        tar_mib = archive.stat().st_size / MiB
+        for r in range(ctx.scale.seq_rounds):
+            rounds.append(_round(ctx, tmp, archive, snapvol_first=r % 2 == 0))
+    best = {k: min(r[k] for r in rounds) for k in rounds[0]}
+    size = f"{total // MiB} MiB" if total < 1 << 30 else f"{total >> 30} GiB"
+    note = f"best of {len(rounds)} rounds each" if len(rounds) > 1 else ""
+    p50 = Figure(TITLE, "fsync latency p50 (4 KiB appended)", best["snap_p50"], "s",
+                 note="no target in the issue")
+    p50.anchor, p50.anchor_value = "passthrough fsync p50", best["pt_p50"]
+    p50.ratio = best["snap_p50"] / best["pt_p50"] if best["pt_p50"] else None
+    p99 = Figure(TITLE, "fsync latency p99", best["snap_p99"], "s", note="no target in the issue")
+    p99.anchor, p99.anchor_value = "passthrough fsync p99", best["pt_p99"]
+    p99.ratio = best["snap_p99"] / best["pt_p99"] if best["pt_p99"] else None
+    return [
+        with_anchor(Figure(TITLE, f"write {size} in 1 MiB calls + fsync", mib / best["snap_w"],
+                           "MiB/s", targets=[at_least_ratio(0.7)], note=note),
+                    "passthrough FUSE", mib / best["pt_w"]),
+        with_anchor(Figure(TITLE, f"read {size} in 1 MiB calls, after remount",
+                           mib / best["snap_r"], "MiB/s", targets=[at_least_ratio(0.7)],
+                           note=note),
+                    "passthrough FUSE", mib / best["pt_r"]),
+        with_anchor(Figure(TITLE, f"tar -x stdlib ({members} entries, {tar_mib:.0f} MiB) + sync",
+                           members / best["snap_tar"], "entries/s",
+                           targets=[at_least_ratio(0.7)], note=note),
+                    "passthrough FUSE", members / best["pt_tar"]),
+        p50,
+        p99,
+    ]

@@ -1,0 +1,192 @@
+"""`snapvol mount`, `snapvol unmount`, `snapvol mounts`, and reaching a mounted image.
+
+Without --foreground, `mount` forks a mount process that detaches from the terminal and
+waits for it: the parent returns once the mount answers requests, or fails with the
+child's own error message. The child's later messages go to a log file in the run
+directory (see `snapvol.fuse.registry`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import subprocess
+import sys
+import time
+from typing import Any
+
+import click
+from rich.table import Table
+
+from snapvol.cli.output import console, print_json, show_time
+from snapvol.errors import SnapvolError
+from snapvol.fuse import registry
+from snapvol.fuse.control import ControlError, call
+from snapvol.fuse.registry import MountEntry
+
+UNMOUNT_WAIT = 60.0
+
+
+def mounted(image: str) -> MountEntry | None:
+    """The live mount of `image`, if it has one (commands then go through its socket)."""
+    return registry.find_image(image)
+
+
+def remote(entry: MountEntry, op: str, **args: Any) -> Any:
+    return call(entry, op, **args)
+
+
+@click.command()
+@click.argument("image", type=click.Path(dir_okay=False))
+@click.argument("mountpoint", type=click.Path(file_okay=False))
+@click.option("--foreground", "-f", is_flag=True, help="Stay in the foreground (logs to stderr).")
+@click.option("--read-only", "-r", is_flag=True, help="Mount read-only (a shared lock).")
+@click.option("--cp-interval", type=float, default=None, metavar="SECONDS",
+              help="Commit a consistency point this often while changed (default 10).")
+@click.option("--allow-other", is_flag=True,
+              help="Let other users in (needs user_allow_other in /etc/fuse.conf "
+                   "unless run by root).")
+def mount(image: str, mountpoint: str, foreground: bool, read_only: bool,
+          cp_interval: float | None, allow_other: bool) -> None:
+    """Mount the volume in IMAGE on MOUNTPOINT; snapshots appear under MOUNTPOINT/.snapshot."""
+    from snapvol.fuse.server import serve
+
+    image, mountpoint = os.path.abspath(image), os.path.abspath(mountpoint)
+    kwargs: dict[str, Any] = {"read_only": read_only, "cp_interval": cp_interval,
+                              "allow_other": allow_other}
+    if foreground:
+        logging.basicConfig(level=logging.INFO, format="snapvol mount: %(message)s")
+        serve(image, mountpoint, ready=lambda: click.echo(
+            f"mounted {image} on {mountpoint}", err=True), **kwargs)
+        return
+    if not os.path.exists(image):
+        raise SnapvolError(f"{image}: no such image file")
+    logfile = registry.log_path(image)
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the mount process
+        os.close(r)
+        code = 0
+        try:
+            os.setsid()
+            _detach(logfile)
+            serve(image, mountpoint, ready=lambda: _say(w, "ok"), **kwargs)
+        except SnapvolError as e:
+            logging.getLogger("snapvol.fuse").error("%s", e)
+            _say(w, f"error {e}")
+            code = 2
+        except BaseException as e:
+            logging.getLogger("snapvol.fuse").exception("mount failed")
+            _say(w, f"error internal error: {type(e).__name__}: {e} (see {logfile})")
+            code = 2
+        finally:
+            os._exit(code)
+    os.close(w)
+    answer = _read_line(r)
+    os.close(r)
+    if answer == "ok":
+        click.echo(f"mounted {image} on {mountpoint} (process {pid})")
+        return
+    os.waitpid(pid, 0)
+    if answer.startswith("error "):
+        raise SnapvolError(answer[len("error "):])
+    raise SnapvolError(f"the mount process exited before the mount was ready; see {logfile} "
+                       "or run with --foreground")
+
+
+def _say(fd: int, line: str) -> None:
+    """Tell the waiting parent; after "ok" it is gone, and later news goes to the log."""
+    with contextlib.suppress(OSError):
+        os.write(fd, " ".join(line.splitlines()).encode() + b"\n")
+
+
+def _detach(logfile: os.PathLike[str]) -> None:
+    """Leave the terminal: stdin from /dev/null, stdout and stderr to the log file."""
+    null = os.open(os.devnull, os.O_RDONLY)
+    log = os.open(logfile, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    os.dup2(null, 0)
+    os.dup2(log, 1)
+    os.dup2(log, 2)
+    os.close(null)
+    os.close(log)
+    sys.stdout = open(1, "w", closefd=False)  # noqa: SIM115 (the process's own stdout)
+    sys.stderr = open(2, "w", closefd=False)  # noqa: SIM115
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s snapvol mount[%(process)d]: %(message)s")
+    os.chdir("/")
+
+
+def _read_line(fd: int) -> str:
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = os.read(fd, 4096)
+        if not chunk:
+            break
+        data += chunk
+    return data.decode(errors="replace").strip()
+
+
+@click.command()
+@click.argument("mountpoint", type=click.Path(file_okay=False))
+def unmount(mountpoint: str) -> None:
+    """Commit a last consistency point and unmount MOUNTPOINT."""
+    entry = registry.find_mountpoint(mountpoint)
+    if entry is None:
+        if os.path.ismount(mountpoint) and _is_fuse(mountpoint):
+            # A mount whose process died (SIGKILL): only the kernel's side is left.
+            _fusermount(mountpoint)
+            click.echo(f"unmounted {mountpoint} (its mount process was gone)")
+            return
+        raise SnapvolError(f"{mountpoint} is not a snapvol mount point (see `snapvol mounts`)")
+    try:
+        call(entry, "unmount")
+    except ControlError:
+        if entry.alive:
+            raise
+    deadline = time.monotonic() + UNMOUNT_WAIT
+    while entry.alive:
+        if time.monotonic() > deadline:
+            raise SnapvolError(f"process {entry.pid} has not finished unmounting "
+                               f"{entry.mountpoint} after {UNMOUNT_WAIT:.0f} s")
+        time.sleep(0.05)
+    click.echo(f"unmounted {entry.mountpoint}")
+
+
+def _is_fuse(mountpoint: str) -> bool:
+    want = os.path.realpath(mountpoint)
+    with open("/proc/self/mounts") as f:
+        for line in f:
+            fields = line.split()
+            if len(fields) > 2 and fields[1] == want and fields[2].startswith("fuse"):
+                return True
+    return False
+
+
+def _fusermount(mountpoint: str) -> None:
+    done = subprocess.run(["fusermount3", "-u", "-z", mountpoint], capture_output=True,
+                          text=True, check=False)
+    if done.returncode:
+        raise SnapvolError(f"fusermount3 -u {mountpoint}: {done.stderr.strip()}")
+
+
+@click.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def mounts(as_json: bool) -> None:
+    """List this host's snapvol mounts."""
+    found = registry.mounts()
+    if as_json:
+        print_json([{"image": e.image, "mountpoint": e.mountpoint, "pid": e.pid,
+                     "read_only": e.read_only, "socket": e.socket,
+                     "started_ns": e.started_ns} for e in found])
+        return
+    if not found:
+        click.echo("no mounts")
+        return
+    table = Table(box=None)
+    for title in ("mount point", "image", "mode", "process", "since"):
+        table.add_column(title)
+    for e in found:
+        table.add_row(e.mountpoint, e.image, "ro" if e.read_only else "rw", str(e.pid),
+                      show_time(e.started_ns))
+    console().print(table)

@@ -1,0 +1,41 @@
+"""`snapvol replicate SRC DST`: bring a mirror up to a new snapshot of its source."""
+
+from __future__ import annotations
+
+import click
+
+from snapvol.cli.output import print_json
+from snapvol.cli.progress import byte_progress
+from snapvol.cli.sizes import human_size
+from snapvol.image.replicate import replicate
+
+
+@click.command("replicate")
+@click.argument("src")
+@click.argument("dst")
+@click.option("--create", is_flag=True, help="Make DST (the size of SRC) if it does not exist.")
+@click.option("--json", "as_json", is_flag=True, help="Print what moved as JSON.")
+def replicate_cmd(src: str, dst: str, create: bool, as_json: bool) -> None:
+    """Take a snapshot of SRC and bring DST to it: the increment from the newest snapshot
+    both hold (a full copy when there is none), finishing an interrupted run first.
+    Both keep the snapshot the next run starts from; older ones this command made are
+    retired (user snapshots never are)."""
+    with byte_progress("replicating") as progress:
+        r = replicate(src, dst, create, progress)
+    if as_json:
+        print_json({"source": src, "destination": dst, "snapshot": r.snapshot,
+                    "base": r.base, "blocks": r.blocks, "bytes": r.nbytes,
+                    "resumed": r.resumed, "discarded": r.discarded, "retired": r.retired,
+                    "dropped": r.dropped, "seconds": round(r.seconds, 3)})
+        return
+    if r.discarded:
+        click.echo(f"discarded the partial receive of {r.discarded}: {src} no longer holds it")
+    if r.resumed:
+        click.echo(f"finished the interrupted transfer of {r.resumed}")
+    what = f"increment from {r.base}" if r.base else "full copy"
+    click.echo(f"replicated {src} to {dst} at snapshot {r.snapshot} ({what}): {r.blocks} "
+               f"blocks, {human_size(r.nbytes)} in {r.seconds:.2f}s")
+    for name in r.retired:
+        click.echo(f"retired replication snapshot {name}")
+    for name in r.dropped:
+        click.echo(f"dropped snapshot {name} from {dst}: {src} no longer holds it")

@@ -1,0 +1,197 @@
+"""`snapvol send` and `snapvol receive`: image streams between volumes, files and pipes.
+
+    snapvol send SRC.img snap2 --base snap1 | snapvol receive DST.img
+
+Progress (bytes, rate, time left) is drawn on stderr only when both ends are terminals,
+so a pipe or a script sees nothing but the stream and the one-line summary.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator
+from typing import IO, Any
+
+import click
+
+from snapvol.cli.output import print_json
+from snapvol.cli.progress import byte_progress
+from snapvol.cli.session import open_volume
+from snapvol.cli.sizes import human_size
+from snapvol.engine.volume import Volume
+from snapvol.errors import SnapvolError
+from snapvol.image import (
+    ReceiveResult,
+    abort,
+    open_for_receive,
+    plan,
+    read_header,
+    receive,
+    resume_token,
+)
+from snapvol.image.receiver import pending_snapshot
+from snapvol.image.sender import stream_plan
+
+READ_CHUNK = 1 << 20
+
+
+def receive_facts(vol: Volume) -> dict[str, Any]:
+    """The partial-receive fields of `snapvol info`: the token `send --resume` takes."""
+    return {"resume_token": resume_token(vol), "receiving": pending_snapshot(vol)}
+
+
+@click.command()
+@click.argument("image")
+@click.argument("snap")
+@click.option("--base", help="Send only the changes since this older snapshot.")
+@click.option("-o", "--output", "output", type=click.Path(dir_okay=False),
+              help="Write the stream to this file instead of stdout.")
+@click.option("--dry-run", is_flag=True, help="Print the exact size; send nothing.")
+@click.option("--resume", "token", help="Send only what an interrupted receive lacks "
+              "(the token 'snapvol info DEST --json' shows).")
+@click.option("--json", "as_json", is_flag=True, help="With --dry-run: print JSON.")
+def send(image: str, snap: str, base: str | None, output: str | None, dry_run: bool,
+         token: str | None, as_json: bool) -> None:
+    """Write an image stream of snapshot SNAP of IMAGE (to stdout or -o FILE)."""
+    if output is None and not dry_run and sys.stdout.isatty():
+        raise click.UsageError("not writing a binary stream to a terminal: pipe it into "
+                               "'snapvol receive' or give -o FILE")
+    with open_volume(image, writable=False) as vol:
+        p = plan(vol, snap, base, token)
+        if dry_run:
+            facts = {"image": image, "snapshot": snap, "base": base, "bytes": p.nbytes,
+                     "blocks": p.nblocks, "resumed_from_vbn": p.header.resume_from}
+            if as_json:
+                print_json(facts)
+            else:
+                what = f"incremental from {base}" if base else "full"
+                click.echo(f"would send {human_size(p.nbytes)} ({p.nbytes} bytes, "
+                           f"{p.nblocks} blocks): snapshot {snap}, {what}")
+            return
+        with _output(output) as out, byte_progress("sending") as progress:
+            done = 0
+            for chunk in stream_plan(vol, p):
+                out.write(chunk)
+                done += len(chunk)
+                if progress is not None:
+                    progress(done, p.nbytes)
+            out.flush()
+
+
+@contextlib.contextmanager
+def _output(path: str | None) -> Iterator[IO[bytes]]:
+    if path is None:
+        yield sys.stdout.buffer
+        return
+    try:
+        f = open(path, "wb")  # noqa: SIM115 - closed below, removed when the send fails
+    except OSError as err:
+        raise SnapvolError(f"cannot write {path}: {err.strerror}") from None
+    try:
+        with f:
+            yield f
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        raise
+
+
+def _chunks(f: IO[bytes]) -> Iterator[bytes]:
+    read: Callable[[int], bytes] = f.read
+    while chunk := read(READ_CHUNK):
+        yield chunk
+
+
+@click.command("receive")
+@click.argument("image")
+@click.option("-i", "--input", "source", type=click.Path(dir_okay=False, exists=True),
+              help="Read the stream from this file instead of stdin.")
+@click.option("--create", is_flag=True, help="Make IMAGE, the size of the source volume.")
+@click.option("--abort", "abort_", is_flag=True,
+              help="Discard IMAGE's partial receive (its pinned blocks are freed).")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def receive_cmd(image: str, source: str | None, create: bool, abort_: bool,
+                as_json: bool) -> None:
+    """Apply an image stream to IMAGE (from stdin or -i FILE); the switch is atomic."""
+    if abort_:
+        if source or create:
+            raise click.UsageError("--abort takes no stream: use it alone")
+        vol = open_for_receive(image)
+        try:
+            name = pending_snapshot(vol)
+            abort(vol)
+        finally:
+            vol.close()
+        click.echo(f"discarded the partial receive of {name} on {image}")
+        return
+    if source is None and sys.stdin.isatty():
+        raise click.UsageError("no stream on stdin: pipe one in or give -i FILE")
+    started = time.monotonic()
+    with _input(source) as f:
+        chunks: Iterator[bytes] = _chunks(f)
+        if create:
+            if os.path.lexists(image):
+                raise SnapvolError(f"{image} already exists: receive into it without "
+                                   "--create, or name a new image")
+            header, chunks = read_header(chunks)
+            Volume.create(image, header.nblocks * 4096).close()
+        try:
+            result = _receive_into(image, chunks)
+        except BaseException:
+            if create:
+                _remove_if_untouched(image)
+            raise
+    seconds = time.monotonic() - started
+    if as_json:
+        print_json({"image": image, "snapshot": result.snapshot, "guid": result.guid,
+                    "base": result.base, "blocks": result.blocks, "bytes": result.nbytes,
+                    "resumed": result.resumed, "dropped": list(result.dropped),
+                    "seconds": round(seconds, 3)})
+        return
+    what = f"incremental from {result.base}" if result.base else "full"
+    more = " (resumed)" if result.resumed else ""
+    click.echo(f"received snapshot {result.snapshot} ({what}){more}: {result.blocks} "
+               f"blocks, {human_size(result.nbytes)} in {seconds:.1f}s")
+    for name in result.dropped:
+        click.echo(f"dropped snapshot {name}: the source no longer holds it")
+
+
+def _receive_into(image: str, chunks: Iterator[bytes]) -> ReceiveResult:
+    vol = open_for_receive(image)
+    try:
+        with byte_progress("receiving") as progress:
+            return receive(vol, chunks, progress)
+    finally:
+        vol.close()
+
+
+def _remove_if_untouched(image: str) -> None:
+    """`--create` made IMAGE; if the stream was refused before a block was pinned there
+    is nothing in it to resume, so do not leave an empty image behind."""
+    try:
+        with open_volume(image, writable=False) as vol:
+            untouched = not vol.receive_blocks
+    except SnapvolError:
+        return
+    if untouched:
+        with contextlib.suppress(OSError):
+            os.unlink(image)
+
+
+@contextlib.contextmanager
+def _input(path: str | None) -> Iterator[IO[bytes]]:
+    """Unbuffered, so each read returns what the pipe holds instead of waiting for a
+    whole chunk (a receive applies what has arrived)."""
+    if path is None:
+        with open(sys.stdin.fileno(), "rb", buffering=0, closefd=False) as stdin:
+            yield stdin
+        return
+    try:
+        f = open(path, "rb", buffering=0)  # noqa: SIM115 - closed by the with below
+    except OSError as err:
+        raise SnapvolError(f"cannot read {path}: {err.strerror}") from None
+    with f:
+        yield f

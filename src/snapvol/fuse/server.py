@@ -1,0 +1,196 @@
+"""Running one mount: the FUSE session, the control socket and the signals, on one trio loop.
+
+Threads: the trio thread runs every FUSE handler and every control request, one at a time,
+calling the engine synchronously; the engine's CP timer thread (`Volume.start_cp_timer`)
+is the only other thread, and `Volume.mutex` orders it against the trio thread. A request
+that takes long (a CP for fsync, an online fsck) holds up the other requests meanwhile:
+that is the price of an engine that is not built for concurrent callers.
+
+Stopping: SIGTERM, SIGINT, SIGHUP and an `unmount` request all commit a CP and end the
+FUSE loop; an external `fusermount3 -u` ends it too. Then the handles the kernel left
+open are released, the volume is closed with a last CP, the mount point is unmounted
+(lazily, so a busy mount point cannot keep the process alive) and the registry entry and
+socket are removed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+import signal
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pyfuse3
+import trio
+
+from snapvol.engine import snapshots
+from snapvol.engine.fsck import check
+from snapvol.engine.volume import Volume
+from snapvol.errors import SnapvolError
+from snapvol.fuse import registry
+from snapvol.fuse.control import (
+    MAX_MESSAGE,
+    decode,
+    encode,
+    fsck_result,
+    volume_facts,
+)
+from snapvol.fuse.operations import SnapvolOperations
+
+log = logging.getLogger("snapvol.fuse")
+
+REQUEST_TIMEOUT = 10.0
+
+
+class MountError(SnapvolError):
+    """The mount could not be set up."""
+
+
+class _Mount:
+    def __init__(self, image: str, mountpoint: str, vol: Volume, ops: SnapvolOperations,
+                 sock: str) -> None:
+        self.image, self.mountpoint, self.vol, self.ops, self.sock = (
+            image, mountpoint, vol, ops, sock)
+        self.stopping = False
+
+    def stop(self, why: str) -> None:
+        """Commit what is dirty, then end the FUSE loop (the unmount follows)."""
+        if self.stopping:
+            return
+        self.stopping = True
+        log.info("stopping: %s", why)
+        try:
+            if self.vol.writable:
+                self.vol.cp()
+        except SnapvolError as e:
+            # Stop anyway: closing the volume tries the CP once more and reports it.
+            log.error("CP before unmounting failed: %s", e)
+        pyfuse3.terminate()
+
+    def dispatch(self, op: str, args: dict[str, Any]) -> Any:
+        vol = self.vol
+        if op == "ping":
+            return {"pid": os.getpid(), "mountpoint": self.mountpoint}
+        if op == "info":
+            with vol.mutex:
+                return volume_facts(vol, self.image)
+        if op == "snap_create":
+            source = args.get("source")
+            entry = snapshots.create(vol, str(args["name"]), shadow=bool(args.get("shadow")),
+                                     source=None if source is None else str(source))
+            return {"name": entry.name, "cp_count": entry.cp_count}
+        if op == "snap_delete":
+            return {"freed_blocks": self.ops.delete_snapshot(str(args["name"]))}
+        if op == "snap_list":
+            return [dataclasses.asdict(i) for i in snapshots.infos(vol)]
+        if op == "fsck":
+            return fsck_result(check(vol))
+        if op == "unmount":
+            self.stop("unmount requested")
+            return {"pid": os.getpid()}
+        raise SnapvolError(f"unknown control request {op!r}")
+
+    async def handle(self, stream: trio.SocketStream) -> None:
+        data = b""
+        with trio.move_on_after(REQUEST_TIMEOUT):
+            while not data.endswith(b"\n") and len(data) <= MAX_MESSAGE:
+                chunk = await stream.receive_some(65536)
+                if not chunk:
+                    break
+                data += chunk
+        try:
+            request = decode(data)
+            args = request.get("args") or {}
+            answer = {"ok": True, "result": self.dispatch(str(request.get("op")), dict(args))}
+        except SnapvolError as e:
+            answer = {"ok": False, "error": str(e)}
+        except (ValueError, KeyError, TypeError) as e:
+            answer = {"ok": False, "error": f"bad control request: {e}"}
+        except Exception as e:
+            log.exception("control request failed")
+            answer = {"ok": False, "error": f"internal error: {type(e).__name__}: {e}"}
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            await stream.send_all(encode(answer))
+        await stream.aclose()
+
+    async def signals(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+                      ) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
+            task_status.started()
+            async for signum in sigs:
+                self.stop(signal.Signals(signum).name)
+
+    async def control(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+                      ) -> None:
+        sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.sock)
+        await sock.bind(self.sock)
+        sock.listen(16)
+        listener = trio.SocketListener(sock)
+        task_status.started()
+        await trio.serve_listeners(self.handle, [listener])
+
+    async def run(self, ready: Callable[[], None]) -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self.signals)
+            await nursery.start(self.control)
+            registry.register(registry.MountEntry(
+                self.image, self.mountpoint, os.getpid(), self.sock, not self.vol.writable,
+                time.time_ns()))
+            ready()
+            await pyfuse3.main()
+            nursery.cancel_scope.cancel()
+
+
+def serve(image: str, mountpoint: str, *, read_only: bool = False,
+          cp_interval: float | None = None, allow_other: bool = False,
+          ready: Callable[[], None] = lambda: None) -> None:
+    """Mount `image` on `mountpoint` and serve it until unmounted or signalled. `ready` is
+    called once the mount answers requests."""
+    image = os.path.abspath(image)
+    mountpoint = os.path.realpath(mountpoint)
+    if not os.path.isdir(mountpoint):
+        raise MountError(f"mount point {mountpoint} is not a directory: create it first")
+    if os.path.ismount(mountpoint):
+        raise MountError(f"{mountpoint} is already a mount point: unmount it first")
+    other = registry.find_image(image)
+    if other is not None:
+        raise MountError(f"{image} is already mounted on {other.mountpoint} "
+                         f"(process {other.pid})")
+    if cp_interval is not None and cp_interval <= 0:
+        raise MountError(f"--cp-interval {cp_interval}: must be a positive number of seconds")
+    sock = registry.socket_path(image)
+    vol = Volume.open(image, writable=not read_only)
+    try:
+        ops = SnapvolOperations(vol)
+        options = set(pyfuse3.default_options) | {"fsname=snapvol", "subtype=snapvol"}
+        if read_only:
+            options.add("ro")
+        if allow_other:
+            options.add("allow_other")
+        try:
+            pyfuse3.init(ops, mountpoint, options)
+        except RuntimeError as e:
+            raise MountError(f"cannot mount on {mountpoint}: {e} (is /dev/fuse usable, and "
+                             "for --allow-other, user_allow_other in /etc/fuse.conf?)") from None
+    except BaseException:
+        vol.abandon()
+        vol.dev.close()
+        raise
+    if vol.writable:
+        vol.start_cp_timer(cp_interval)
+    mount = _Mount(image, mountpoint, vol, ops, sock)
+    try:
+        trio.run(mount.run, ready)
+    finally:
+        try:
+            ops.close_handles()
+            vol.close()
+        finally:
+            pyfuse3.close(unmount=True)
+            registry.unregister(image, os.getpid())

@@ -1,0 +1,512 @@
+"""Receiving: check the stream against the destination, write blocks to their VBNs,
+switch the root last.
+
+The order is what keeps the destination safe (DESIGN.md §3.5-3.7):
+
+1. The stream's HEADER, TABLE and selection PLANE are read and checked before anything
+   is written: the destination must be as large as the source, hold the base (by GUID,
+   with the same trees) and have no change since it, or be empty for a full stream.
+2. One CP pins the selection (invariant 5) and records the receive state in the root:
+   no CP hands a pinned block out, also after the destination is closed and reopened
+   and used meanwhile. The same CP moves the destination's own metadata (its planes,
+   its table) out of the way of the incoming blocks.
+3. Blocks go straight to their VBNs with one pwritev per record; nothing live refers to
+   them, so a reader (`snapvol ls`, a read-only mount) sees the old state throughout.
+   Every `CHECKPOINT_BYTES` the device is flushed and the root records how far blocks
+   are durable: that is the resume token's VBN.
+4. At END the device is flushed and one CP makes the received snapshot's inode file the
+   active one, its table the table and the union of its planes the summary, releasing
+   the pin: one root write, so a reader sees the old state or the new one, never a mix.
+
+A stream that is damaged or cut off stops at its first bad record; the destination keeps
+its previous state and a partial receive that `send --resume` completes or
+`receive --abort` discards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import itertools
+import os
+import struct
+import time
+import uuid as uuidlib
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, replace
+
+from snapvol.device import ImageDevice
+from snapvol.device.lock import VolumeLock
+from snapvol.engine import shadows, snapshots
+from snapvol.engine.image import Image
+from snapvol.engine.snapshots import SnapshotTable
+from snapvol.engine.volume import Volume, root_of, tree_vbns
+from snapvol.errors import LockedError, VolumeError
+from snapvol.layout.constants import BLOCK_SIZE, ROOT_INO
+from snapvol.layout.snaptable import SnapEntry
+from snapvol.planes import Plane, difference, intersection, union
+from snapvol.streams.imagestream import (
+    HDR_RESUMED,
+    HEADER_PAYLOAD,
+    ROLE_BASE,
+    ROLE_HELD,
+    ROLE_TOP,
+    BlocksRecord,
+    Decoder,
+    EndRecord,
+    HeaderRecord,
+    Record,
+    StreamError,
+    StreamHeader,
+    TableItem,
+    count_from,
+    decode_table,
+    encode_table,
+    encode_token,
+)
+
+RECV_UPDATING = 1
+"""Receive-state flag: the transfer overwrites blocks of the destination's current state
+(a shadow base, R6), so the destination is not readable until the switch."""
+
+CHECKPOINT_BYTES = 256 << 20
+"""Block bytes between flushes that advance the resume point."""
+
+Progress = Callable[[int, int], None]
+"""Called with (stream bytes done, stream bytes expected) as a receive goes."""
+
+_BLOB_LEN = struct.Struct("<Q")
+
+
+@dataclass(frozen=True, slots=True)
+class ReceiveResult:
+    snapshot: str  # the snapshot the destination now holds and shows
+    guid: str
+    base: str | None
+    blocks: int  # blocks written by this run (a resumed run writes only the rest)
+    nbytes: int  # stream bytes read
+    resumed: bool
+    dropped: tuple[str, ...]  # destination snapshots the source no longer holds
+
+
+def _guid(raw: bytes) -> str:
+    return str(uuidlib.UUID(bytes=raw))
+
+
+# ---- the persisted receive state ------------------------------------------------------------
+def _state(vol: Volume) -> tuple[StreamHeader, tuple[TableItem, ...]] | None:
+    """The header and table of the pending receive (stored after its plane), or None."""
+    if not vol.receive_blocks:
+        return None
+    first = Plane.zeros(vol.nblocks).plane_blocks
+    blob = b"".join(vol.receive_tree.read_blocks(first, vol.receive_blocks - first))
+    (size,) = _BLOB_LEN.unpack_from(blob)
+    try:
+        header = StreamHeader.decode(blob[8 : 8 + HEADER_PAYLOAD])
+        items = decode_table(blob[8 + HEADER_PAYLOAD : 8 + size], header)
+    except StreamError as err:
+        raise VolumeError(f"{vol.path}: the partial receive's state is damaged ({err}); "
+                          f"discard it with 'snapvol receive --abort {vol.path}'") from None
+    return header, items
+
+
+def _write_state(vol: Volume, header: StreamHeader, items: tuple[TableItem, ...],
+                 selection: Plane) -> None:
+    tree = vol.receive_tree
+    for pb in selection.nonzero_blocks().tolist():
+        tree.write_block(pb, selection.block_bytes(pb))
+    stored = replace(header, resume_from=0, flags=header.flags & ~HDR_RESUMED)
+    body = stored.encode() + encode_table(list(items))
+    blob = _BLOB_LEN.pack(len(body)) + body
+    blob += bytes(-len(blob) % BLOCK_SIZE)
+    first = selection.plane_blocks
+    for i in range(len(blob) // BLOCK_SIZE):
+        tree.write_block(first + i, blob[i * BLOCK_SIZE : (i + 1) * BLOCK_SIZE])
+    vol.receive_blocks = first + len(blob) // BLOCK_SIZE
+
+
+def _clear_state(vol: Volume) -> None:
+    vol.receive_tree.truncate_blocks(0)
+    vol.receive_blocks = vol.receive_done = vol.receive_flags = 0
+
+
+def resume_token(vol: Volume) -> str | None:
+    """The token that `send --resume` takes to finish this volume's partial receive."""
+    state = _state(vol)
+    if state is None:
+        return None
+    header, _ = state
+    return encode_token(header.snap_guid, header.base_guid, vol.receive_done)
+
+
+def is_updating(vol: Volume) -> bool:
+    """Whether a pending receive overwrites the current state (a shadow base): readers
+    must wait for the switch (R6)."""
+    return bool(vol.receive_blocks and vol.receive_flags & RECV_UPDATING)
+
+
+def pending_snapshot(vol: Volume) -> str | None:
+    """The name of the snapshot a partial receive is bringing, or None."""
+    state = _state(vol)
+    if state is None:
+        return None
+    return next(i.entry.name for i in state[1] if i.role == ROLE_TOP)
+
+
+# ---- opening ----------------------------------------------------------------------------------
+def open_for_receive(path: str) -> Volume:
+    """Open a destination so readers can go on reading it while blocks arrive.
+
+    A receive writes only pinned blocks that no committed root refers to, and switches
+    with one root write, so it takes the shared lock that readers take (writers, which
+    need the exclusive one, stay out) plus an exclusive lock on byte 1 that keeps a
+    second receive out."""
+    dev = ImageDevice(path, writable=True)
+    try:
+        lock = VolumeLock.acquire(dev.fd, path, exclusive=False)
+    except BaseException:
+        dev.close()
+        raise
+    try:
+        try:
+            fcntl.lockf(dev.fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, 1)
+        except OSError as err:
+            if err.errno in (errno.EACCES, errno.EAGAIN):
+                raise LockedError(f"{path} is receiving another stream; wait for it to end"
+                                  ) from None
+            raise
+        return Volume(dev, path, lock, True)
+    except BaseException:
+        lock.release()
+        dev.close()
+        raise
+
+
+def read_header(chunks: Iterable[bytes]) -> tuple[StreamHeader, Iterator[bytes]]:
+    """The header of a stream and the whole stream again (for `receive --create`, which
+    needs the source's size before it can make the image)."""
+    dec = Decoder()
+    seen: list[bytes] = []
+    it = iter(chunks)
+    for chunk in it:
+        seen.append(chunk)
+        dec.feed(chunk)
+        for rec in dec.records():
+            if isinstance(rec, HeaderRecord):
+                return rec.header, itertools.chain(seen, it)
+    dec.finish()
+    raise StreamError("image stream is empty")
+
+
+# ---- receiving ---------------------------------------------------------------------------------
+def _records(dec: Decoder, chunks: Iterator[bytes]) -> Iterator[Record]:
+    """Checked records, pulling chunks as needed; at the end, refuse trailing bytes and
+    a stream cut short."""
+    while True:
+        rec = dec.next_record()
+        if rec is not None:
+            yield rec
+            continue
+        chunk = next(chunks, None)
+        if chunk is None:
+            dec.finish()
+            return
+        dec.feed(chunk)
+
+
+def receive(vol: Volume, chunks: Iterable[bytes], progress: Progress | None = None
+            ) -> ReceiveResult:
+    """Apply an image stream to `vol` (open writable, e.g. by `open_for_receive`)."""
+    if not vol.writable or vol.alloc is None:
+        raise VolumeError(f"{vol.path} is open read-only; a receive writes to it")
+    dec = Decoder()
+    records = _records(dec, iter(chunks))
+    first: Record | None = None
+    for rec in records:
+        if isinstance(rec, (BlocksRecord, EndRecord)):
+            first = rec
+            break
+    header, items, selection = dec.header, dec.table, dec.plane
+    assert first is not None and header is not None and selection is not None
+    if selection.nblocks != vol.nblocks:
+        if header.nblocks > vol.nblocks:
+            raise VolumeError(
+                f"{vol.path} is smaller than the source ({vol.nblocks * BLOCK_SIZE} bytes, "
+                f"the stream needs {header.nblocks * BLOCK_SIZE}); receive into a larger "
+                "image, or a new one with --create")
+        selection = selection.resized(vol.nblocks)
+    with vol.mutex:
+        resumed, dropped = _admit(vol, header, items, selection)
+    done_before = vol.receive_done if resumed else 0
+    total = dec.offset + count_from(selection, header.resume_from) * (BLOCK_SIZE + 1)
+    written_to, pending, nblocks = done_before, 0, 0
+    write = vol.dev.writev
+    try:
+        rec = first
+        while not isinstance(rec, EndRecord):
+            assert isinstance(rec, BlocksRecord)
+            end = rec.vbn + rec.count
+            if end > done_before:
+                write(rec.vbn, [rec.data])
+                nblocks += rec.count
+                pending += rec.count * BLOCK_SIZE
+            written_to = max(written_to, end)
+            if pending >= CHECKPOINT_BYTES:
+                _checkpoint(vol, written_to)
+                pending = 0
+            if progress is not None:
+                progress(dec.offset, total)
+            rec = next(records)
+        for _ in records:  # only the end of input (or trailing bytes, refused) is left
+            pass
+    except BaseException as err:
+        with contextlib.suppress(Exception):
+            _checkpoint(vol, written_to)
+        if isinstance(err, (StreamError, StopIteration)):
+            name = next(i.entry.name for i in items if i.role == ROLE_TOP)
+            token = resume_token(vol)
+            raise StreamError(
+                f"{err}; {vol.path} keeps its previous state and a partial receive of "
+                f"{name!r}: finish it with 'snapvol send SOURCE {name} [--base BASE] --resume "
+                f"{token}' or discard it with 'snapvol receive --abort {vol.path}'") from None
+        raise
+    vol.dev.flush()
+    with vol.mutex:
+        top, base, more = _switch(vol, items)
+    if progress is not None:
+        progress(dec.offset, dec.offset)
+    return ReceiveResult(top.name, _guid(top.guid), base, nblocks, dec.offset, resumed,
+                         tuple(dropped + more))
+
+
+def _checkpoint(vol: Volume, written_to: int) -> None:
+    """Make every block below `written_to` durable, then record that in the root."""
+    vol.dev.flush()
+    if written_to > vol.receive_done:
+        vol.receive_done = written_to
+        vol.cp(force=True)
+
+
+def _admit(vol: Volume, header: StreamHeader, items: tuple[TableItem, ...],
+           selection: Plane) -> tuple[bool, list[str]]:
+    """Check the stream against the destination and, for a new receive, pin its blocks.
+    Returns (resuming?, destination snapshots dropped). Raises before writing anything."""
+    path = vol.path
+    top = next(i.entry for i in items if i.role == ROLE_TOP)
+    state = _state(vol)
+    if state is not None:
+        old, old_items = state
+        token = resume_token(vol)
+        if (old.snap_guid, old.base_guid) != (header.snap_guid, header.base_guid):
+            name = next(i.entry.name for i in old_items if i.role == ROLE_TOP)
+            raise VolumeError(
+                f"{path} has a partial receive of snapshot {name!r}; finish it with "
+                f"'snapvol send SOURCE {name} [--base BASE] --resume {token}' or discard it "
+                f"with 'snapvol receive --abort {path}'")
+        assert vol.alloc is not None
+        if encode_table(list(old_items)) != encode_table(list(items)) or (
+                vol.alloc.pinned != selection):
+            raise StreamError(f"the stream differs from the partial receive on {path} (the "
+                              "source's snapshots changed since); discard it with "
+                              f"'snapvol receive --abort {path}' and send again")
+        if header.incremental:
+            _check_base(vol, items, {e.guid: e for e in vol.snapshots.slots.values()})
+        if header.resume_from > vol.receive_done:
+            raise StreamError(f"the stream resumes at block {header.resume_from} but {path} "
+                              f"holds the blocks below {vol.receive_done} only; send with "
+                              f"--resume {token}")
+        return True, []
+    if header.resume_from:
+        raise StreamError(f"the stream finishes an interrupted receive, but {path} has none "
+                          "pending (it completed or was aborted); send the whole stream")
+    table = vol.snapshots
+    by_guid = {e.guid: e for e in table.slots.values()}
+    if top.guid in by_guid:
+        raise VolumeError(f"{path} already holds snapshot {by_guid[top.guid].name!r} "
+                          f"(GUID {_guid(top.guid)}); nothing to receive")
+    vol.cp()
+    if header.incremental:
+        _check_base(vol, items, by_guid)
+    elif len(table) or any(True for _ in vol.active.readdir(vol.active.node(ROOT_INO))):
+        raise VolumeError(f"{path} is not empty: a full stream goes to an empty volume (no "
+                          "files, no snapshots); receive into a new image with --create, "
+                          "or send an increment from a snapshot both hold")
+    stream_guids = {i.entry.guid for i in items}
+    dropped = []
+    for e in table.entries():
+        if e.guid in stream_guids:
+            continue
+        # The source no longer holds it, so it may have reused its blocks: it must go
+        # before they are overwritten (it would go at the switch anyway).
+        if e.shadow or intersection(_plane(vol, e), selection).count():
+            snapshots.delete(vol, e.name)
+            dropped.append(e.name)
+    alloc = vol.alloc
+    assert alloc is not None
+    if not header.incremental:
+        loose = vol.active_plane.copy()
+        for r in (vol.root.active_plane, vol.root.summary_plane, vol.root.snap_table):
+            loose.clear_many(tree_vbns(vol.io, r))
+        loose.clear_range(0, 3)
+        alloc.free_many(loose.members())
+        vol.empty_file_system(time.time_ns())
+    alloc.pinned = selection.copy()
+    alloc.recount()
+    for plane in (vol.active_plane, vol.summary_plane):
+        for pb in plane.nonzero_blocks().tolist():
+            plane.mark_dirty(pb)
+    for fbn in vol.snap_tree.mapped_fbns().tolist():
+        vol.snap_tree.write_block(fbn, vol.snap_tree.read_block(fbn))
+    _write_state(vol, header, items, selection)
+    vol.receive_done = 0
+    vol.receive_flags = RECV_UPDATING if header.shadow_base else 0
+    vol.cp(force=True)
+    if not header.shadow_base and intersection(
+            union(vol.active_plane, vol.summary_plane), selection).count():
+        _release(vol)
+        raise VolumeError(f"{path}: blocks in use collide with the stream's blocks; the "
+                          "destination is not a mirror of this source (nothing was written)")
+    return False, dropped
+
+
+def _plane(vol: Volume, entry: SnapEntry) -> Plane:
+    from snapvol.image.sender import entry_plane
+
+    return entry_plane(vol, entry)
+
+
+def _check_base(vol: Volume, items: tuple[TableItem, ...], by_guid: dict[bytes, SnapEntry]
+                ) -> None:
+    path = vol.path
+    base = next(i.entry for i in items if i.role == ROLE_BASE)
+    mine = by_guid.get(base.guid)
+    if mine is None:
+        names = ", ".join(e.name for e in vol.snapshots.entries()) or "none"
+        raise VolumeError(
+            f"{path} does not hold the base snapshot {base.name!r} (GUID {_guid(base.guid)}); "
+            f"send an increment from a snapshot it holds ({names}) or a full stream")
+    if mine.shadow:
+        raise VolumeError(f"{path} holds the base {mine.name!r} only as a shadow snapshot; "
+                          "an increment needs it as a regular snapshot")
+    if not base.shadow and mine.trees != base.trees:
+        raise VolumeError(f"snapshot {mine.name!r} on {path} has the base's GUID but other "
+                          "contents: the destination is not a mirror of this source")
+    if vol.root.inode_file != mine.inode_file:
+        raise VolumeError(f"{path} has changed since snapshot {mine.name!r}; roll it back with "
+                          f"'snapvol snap restore {path} {mine.name}' and receive again")
+    for item in items:
+        if item.role != ROLE_HELD:
+            continue
+        held = by_guid.get(item.entry.guid)
+        if held is None and item.required:
+            raise VolumeError(
+                f"{path} lacks snapshot {item.entry.name!r} (GUID {_guid(item.entry.guid)}), "
+                "which this increment relies on (the source restored it since); send a full "
+                "stream into a new image")
+        if held is not None and held.trees != item.entry.trees:
+            raise VolumeError(f"snapshot {held.name!r} on {path} differs from the source's "
+                              "snapshot of the same GUID")
+
+
+def _release(vol: Volume) -> None:
+    """Drop the pin and the receive state in one CP. Pinned blocks that nothing else
+    holds go through the deferred plane: the committed root still names them as received
+    until this CP lands, so they must not be reused inside it."""
+    alloc = vol.alloc
+    assert alloc is not None
+    pinned = alloc.pinned
+    loose = difference(pinned, union(vol.active_plane, vol.summary_plane))
+    alloc.pinned = Plane.zeros(vol.nblocks)
+    alloc.free_many(loose.members())
+    _clear_state(vol)
+    alloc.recount()
+    vol.cp(force=True)
+
+
+def abort(vol: Volume) -> None:
+    """Discard a partial receive: free its pinned blocks; the volume keeps its state."""
+    with vol.mutex:
+        if not vol.receive_blocks:
+            raise VolumeError(f"{vol.path} has no partial receive to abort")
+        if not vol.writable or vol.alloc is None:
+            raise VolumeError(f"{vol.path} is open read-only")
+        if vol.receive_flags & RECV_UPDATING:
+            raise VolumeError(
+                f"the partial receive on {vol.path} is incremental from a shadow snapshot, "
+                "so it has overwritten blocks of the previous state: it cannot be aborted, "
+                f"only finished (the token is {resume_token(vol)})")
+        vol.cp()
+        _release(vol)
+
+
+def _replace_words(plane: Plane, new: Plane) -> None:
+    rows, want = plane.words.reshape(-1, 512), new.words.reshape(-1, 512)
+    changed = (rows != want).any(axis=1)
+    rows[changed] = want[changed]
+    plane.mark_dirty_where(changed)
+
+
+def _switch(vol: Volume, items: tuple[TableItem, ...]) -> tuple[SnapEntry, str | None,
+                                                                list[str]]:
+    """The one CP that makes the received snapshot the destination's state."""
+    alloc = vol.alloc
+    assert alloc is not None
+    vol.cp()
+    by_guid = {e.guid: e for e in vol.snapshots.slots.values()}
+    top = next(i.entry for i in items if i.role == ROLE_TOP)
+    base_name = None
+    entries: list[SnapEntry] = []
+    dropped: list[str] = []
+    for item in items:
+        e = item.entry
+        if item.role in (ROLE_BASE, ROLE_HELD):
+            mine = by_guid.get(e.guid)
+            if mine is None or mine.shadow or e.shadow:
+                # Never received here, so its blocks are not all here; or a shadow base,
+                # whose blocks the increment may have overwritten (R6).
+                dropped.append(e.name)
+                continue
+            e = replace(mine, name=e.name)
+            if item.role == ROLE_BASE:
+                base_name = e.name
+        entries.append(e)
+    entries.sort(key=lambda e: (e.cp_count, e.snap_id))
+    new_active = _plane(vol, top)
+    for r in (top.active_plane, top.summary_plane, top.snap_table):
+        new_active.clear_many(tree_vbns(vol.io, r))
+    new_active.set_range(0, 3)
+    for tree in (vol.active_tree, vol.summary_tree, vol.snap_tree, vol.receive_tree):
+        new_active.set_many(tree_vbns(vol.io, root_of(tree, 0)))
+    planes = [_plane(vol, e) for e in entries]
+    new_summary = union(*planes)
+    old_busy = union(vol.active_plane, vol.summary_plane)
+    gone = difference(old_busy, union(new_active, new_summary))
+    _replace_words(vol.active_plane, new_active)
+    _replace_words(vol.summary_plane, new_summary)
+    alloc.free_many(gone.members())
+    for slot in vol.snapshots.shadow_slots():
+        shadows.drop(vol.snap_tree, slot, vol.active_plane.plane_blocks)
+    next_id = max([vol.snapshots.next_id, *(e.snap_id + 1 for e in entries)])
+    vol.snapshots = SnapshotTable(dict(enumerate(entries)), next_id)
+    alloc.watch_reuse = False
+    vol.snaps_dirty = True
+    vol.active = Image(vol.io, top.inode_file, alloc, vol._admit)
+    alloc.pinned = Plane.zeros(vol.nblocks)
+    _clear_state(vol)
+    alloc.recount()
+    # CP counts order snapshots: carry the destination's count past the received ones, so
+    # a snapshot taken here later sorts after them (and this volume can send onward). The
+    # parity stays, so the new root still goes to the slot of the older root.
+    ahead = max(0, max(e.cp_count for e in entries) - vol.root.cp_count)
+    vol.root = replace(vol.root, cp_count=vol.root.cp_count + ahead + ahead % 2)
+    vol.cp(force=True)
+    return top, base_name, dropped
+
+
+def remove_failed_image(path: str) -> None:
+    """Delete an image `receive --create` made when the stream was refused before any
+    block arrived (there is nothing in it worth keeping)."""
+    with contextlib.suppress(OSError):
+        os.unlink(path)
+

@@ -1,0 +1,195 @@
+"""`snapvol replicate SRC DST`: one command that keeps a mirror current.
+
+Each run (the reference's §5.4, with the destination's newest master matched by GUID):
+
+1. finishes a partial receive DST holds, from the resume token (if SRC no longer holds
+   what it was bringing, the partial receive is discarded);
+2. takes a new snapshot on SRC, marked as a replication snapshot;
+3. finds the newest snapshot both hold, by GUID (the one the last run left), and sends the
+   increment from it, or a full stream when there is none (DST new or empty);
+4. retires, on both sides, the older replication snapshots it made itself: each side keeps
+   the one the next run starts from. User snapshots are never touched here (DST drops the
+   ones SRC no longer holds, as every receive does).
+
+A run that stops anywhere leaves both volumes consistent: before the switch DST keeps its
+previous state and a partial receive the next run finishes; after it, at worst an older
+replication snapshot is retired one run late.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from snapvol.engine import snapshots
+from snapvol.engine.volume import Volume
+from snapvol.errors import SnapvolError
+from snapvol.image.receiver import (
+    ReceiveResult,
+    abort,
+    open_for_receive,
+    pending_snapshot,
+    receive,
+    resume_token,
+)
+from snapvol.image.sender import plan, stream_plan
+from snapvol.layout.constants import BLOCK_SIZE, ROOT_INO
+from snapvol.layout.snaptable import SnapEntry
+from snapvol.streams.imagestream import decode_token
+
+Progress = Callable[[int, int], None]
+PREFIX = "replica-"
+
+
+class ReplicateError(SnapvolError):
+    """The two volumes cannot be brought into step by this run; the message says why."""
+
+
+@dataclass
+class ReplicateResult:
+    snapshot: str  # the snapshot both now hold, DST's new state
+    base: str | None  # the common snapshot the increment came from (None: full)
+    blocks: int = 0  # blocks moved by this run, resumed part included
+    nbytes: int = 0  # stream bytes moved
+    seconds: float = 0.0
+    resumed: str | None = None  # the snapshot whose partial receive this run finished
+    discarded: str | None = None  # a partial receive that could not be finished
+    retired: list[str] = field(default_factory=list)  # replication snapshots deleted
+    dropped: list[str] = field(default_factory=list)  # DST snapshots SRC no longer holds
+
+
+def _by_guid(vol: Volume, guid: bytes) -> SnapEntry | None:
+    found = sorted((e for e in vol.snapshots.entries() if e.guid == guid),
+                   key=lambda e: e.shadow)
+    return found[0] if found else None
+
+
+def _new_name(vol: Volume) -> str:
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S.%fZ")
+    name, n = f"{PREFIX}{stamp}", 1
+    while vol.snapshots.find(name) is not None:
+        n += 1
+        name = f"{PREFIX}{stamp}-{n}"
+    return name
+
+
+def _transfer(src: Volume, dst_path: str, snap: str, base: str | None, token: str | None,
+              progress: Progress | None) -> ReceiveResult:
+    p = plan(src, snap, base, token)
+    dst = open_for_receive(dst_path)
+    try:
+        return receive(dst, stream_plan(src, p), progress)
+    finally:
+        dst.close()
+
+
+def _resume(src: Volume, dst_path: str, out: ReplicateResult,
+            progress: Progress | None) -> None:
+    """Finish (or, when it cannot be finished, discard) DST's partial receive."""
+    dst = open_for_receive(dst_path)
+    try:
+        token = resume_token(dst)
+        if token is None:
+            return
+        snap_guid, base_guid, _done = decode_token(token)
+        snap = _by_guid(src, snap_guid)
+        base = _by_guid(src, base_guid) if any(base_guid) else None
+        if snap is None or snap.shadow or (any(base_guid) and base is None):
+            out.discarded = pending_snapshot(dst)
+            abort(dst)
+            return
+    finally:
+        dst.close()
+    got = _transfer(src, dst_path, snap.name, base.name if base else None, token, progress)
+    out.resumed = got.snapshot
+    out.blocks += got.blocks
+    out.nbytes += got.nbytes
+    out.dropped += got.dropped
+
+
+def _common(src: Volume, dst: Volume) -> SnapEntry | None:
+    """The newest snapshot of SRC that DST holds as a regular snapshot, by GUID."""
+    held = {e.guid for e in dst.snapshots.regular()}
+    both = [e for e in src.snapshots.entries() if e.guid in held]
+    both.sort(key=lambda e: (e.cp_count, not e.shadow))
+    return both[-1] if both else None
+
+
+def _retire(vol: Volume, keep: bytes) -> list[str]:
+    gone = []
+    for e in vol.snapshots.entries():
+        if e.replica and e.guid != keep:
+            snapshots.delete(vol, e.name)
+            gone.append(e.name)
+    return gone
+
+
+def replicate(src_path: str, dst_path: str, create: bool = False,
+              progress: Progress | None = None) -> ReplicateResult:
+    """Bring DST up to a new snapshot of SRC (see the module docstring)."""
+    t0 = time.monotonic()
+    if os.path.realpath(src_path) == os.path.realpath(dst_path):
+        raise ReplicateError(f"{src_path} and {dst_path} are the same image")
+    made = False
+    with Volume.open(src_path) as src:
+        if not os.path.lexists(dst_path):
+            if not create:
+                raise ReplicateError(f"{dst_path} does not exist: add --create to make it")
+            Volume.create(dst_path, src.nblocks * BLOCK_SIZE).close()
+            made = True
+        try:
+            out = _run(src, dst_path, progress)
+        except BaseException:
+            if made:
+                _remove_if_untouched(dst_path)
+            raise
+        out.retired += _retire(src, _guid_of(src, out.snapshot))
+    with Volume.open(dst_path) as dst:
+        out.retired += [f"{name} (on {dst_path})"
+                        for name in _retire(dst, _guid_of(dst, out.snapshot))]
+    out.seconds = time.monotonic() - t0
+    return out
+
+
+def _guid_of(vol: Volume, name: str) -> bytes:
+    return vol.snapshots.get(name).guid
+
+
+def _run(src: Volume, dst_path: str, progress: Progress | None) -> ReplicateResult:
+    out = ReplicateResult("", None)
+    _resume(src, dst_path, out, progress)
+    with Volume.open(dst_path, writable=False) as dst:
+        common = _common(src, dst)
+        if common is None and not _is_empty(dst):
+            raise ReplicateError(
+                f"{dst_path} holds no snapshot of {src.path} but is not empty: it is not a "
+                "mirror of it; replicate into a new image with --create")
+    name = _new_name(src)
+    snapshots.create(src, name, replica=True)
+    got = _transfer(src, dst_path, name, common.name if common else None, None, progress)
+    out.snapshot, out.base = got.snapshot, got.base
+    out.blocks += got.blocks
+    out.nbytes += got.nbytes
+    out.dropped += got.dropped
+    return out
+
+
+def _is_empty(vol: Volume) -> bool:
+    """No snapshots and no files: a full stream may go there."""
+    img = vol.active
+    return not len(vol.snapshots) and not any(True for _ in img.readdir(img.node(ROOT_INO)))
+
+
+def _remove_if_untouched(path: str) -> None:
+    try:
+        with Volume.open(path, writable=False) as vol:
+            untouched = not vol.receive_blocks and not len(vol.snapshots)
+    except SnapvolError:
+        return
+    if untouched:
+        with contextlib.suppress(OSError):
+            os.unlink(path)

@@ -1,0 +1,201 @@
+"""Sending: choose blocks by plane algebra, stream them with their VBNs.
+
+A full stream of SNAP selects SNAP's plane plus the planes of every older snapshot the
+source still holds (LS = A1 + A2 + ..., the reference's level-0 image), so every snapshot
+that SNAP's CP knew arrives complete. An incremental stream subtracts BASE and every
+snapshot older than BASE (LD = LS - B): by the invariant S_i ∩ S_k ⊆ S_j a block of an
+older snapshot still in use is in BASE, and one that came back by a restore is in the
+older snapshot, which the destination holds; so one subtraction of held planes is exact.
+
+Only the blocks selected are read, with one positioned read per BLOCKS record (up to
+1 MiB of contiguous VBNs); no tree is walked and no block outside the selection is read.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+
+import numpy as np
+import numpy.typing as npt
+
+from snapvol.engine import shadows
+from snapvol.engine.snapshots import SnapshotError, snapshot_plane
+from snapvol.engine.volume import Volume, tree_of
+from snapvol.layout.constants import BLOCK_SIZE, FIRST_DATA_VBN
+from snapvol.layout.snaptable import SnapEntry
+from snapvol.planes import Plane, difference, intersection, union
+from snapvol.streams.imagestream import (
+    END_PAYLOAD,
+    HDR_INCREMENTAL,
+    HDR_RESUMED,
+    HDR_SHADOW_BASE,
+    HEADER_PAYLOAD,
+    MAX_PLANE_RUN,
+    MAX_RUN,
+    ROLE_BASE,
+    ROLE_CARRIED,
+    ROLE_HELD,
+    ROLE_TOP,
+    Encoder,
+    StreamHeader,
+    TableItem,
+    blocks_record_payload,
+    decode_token,
+    plane_record_payload,
+    record_size,
+    table_payload,
+)
+
+ZERO_GUID = bytes(16)
+
+
+@dataclass(frozen=True, slots=True)
+class SendPlan:
+    """Everything a send will do, computed from planes alone: `nbytes` is the exact size
+    of the stream and `nblocks` the blocks it carries."""
+
+    header: StreamHeader
+    items: tuple[TableItem, ...]
+    plane: Plane  # the selection (the whole transfer, even when resuming)
+    starts: npt.NDArray[np.uint64]  # first VBN of each BLOCKS record
+    counts: npt.NDArray[np.int64]  # blocks in each BLOCKS record
+    nblocks: int
+    nbytes: int
+
+    @property
+    def snap(self) -> SnapEntry:
+        return next(i.entry for i in self.items if i.role == ROLE_TOP)
+
+    @property
+    def base(self) -> SnapEntry | None:
+        return next((i.entry for i in self.items if i.role == ROLE_BASE), None)
+
+
+def entry_plane(vol: Volume, entry: SnapEntry) -> Plane:
+    """A snapshot's plane: read through its saved root, or for a shadow snapshot from
+    its region of the snapshot table file (engine/shadows.py)."""
+    if not entry.shadow:
+        return snapshot_plane(vol, entry)
+    # By slot of this very entry: a shadow made with --from shares its GUID with the
+    # snapshot it shadows, whose slot holds no shadow plane.
+    slot = vol.snapshots.slot_of(entry)
+    return shadows.load(tree_of(vol.io, vol.root.snap_table), slot, vol.nblocks)
+
+
+def _choose(vol: Volume, snap: str, base: str | None) -> tuple[list[TableItem], Plane, int]:
+    table = vol.snapshots
+    top = table.get(snap)
+    if top.shadow:
+        raise SnapshotError(f"snapshot {snap!r} is a shadow snapshot: it has no tree to "
+                            "send; send a regular snapshot (a shadow can only be a --base)")
+    flags = 0
+    base_entry = None
+    if base is not None:
+        base_entry = table.get(base)
+        if base_entry.guid == top.guid or base_entry.cp_count >= top.cp_count:
+            raise SnapshotError(f"base {base!r} is not older than {snap!r}: an incremental "
+                                "stream goes from an older snapshot to a newer one")
+        flags |= HDR_INCREMENTAL | (HDR_SHADOW_BASE if base_entry.shadow else 0)
+    items = [TableItem(ROLE_TOP, top)]
+    sent = [snapshot_plane(vol, top)]
+    held: list[tuple[int, Plane]] = []
+    for e in table.regular():
+        if e.cp_count >= top.cp_count or e.guid == top.guid:
+            continue
+        if base_entry is not None and e.guid == base_entry.guid:
+            continue
+        if base_entry is None or e.cp_count > base_entry.cp_count:
+            items.append(TableItem(ROLE_CARRIED, e))
+            sent.append(snapshot_plane(vol, e))
+        else:
+            items.append(TableItem(ROLE_HELD, e))
+            held.append((len(items) - 1, snapshot_plane(vol, e)))
+    selection = union(*sent)
+    if base_entry is not None:
+        items.append(TableItem(ROLE_BASE, base_entry))
+        selection = difference(selection, entry_plane(vol, base_entry))
+        for i, plane in held:
+            # Held snapshots' blocks are in BASE unless a restore brought them back; then
+            # the destination must hold that snapshot, as the stream leaves them out.
+            if intersection(selection, plane).count():
+                items[i] = replace(items[i], required=True)
+        if held:
+            selection = difference(selection, union(*(plane for _, plane in held)))
+    # The superblock and the root slots belong to each volume; never sent.
+    selection.clear_range(0, FIRST_DATA_VBN)
+    return items, selection, flags
+
+
+def _records(members: npt.NDArray[np.uint64]) -> tuple[npt.NDArray[np.uint64],
+                                                       npt.NDArray[np.int64]]:
+    """Split sorted VBNs into BLOCKS records: contiguous runs cut at MAX_RUN blocks."""
+    if members.size == 0:
+        return np.zeros(0, dtype=np.uint64), np.zeros(0, dtype=np.int64)
+    brk = np.flatnonzero(np.diff(members) != 1) + 1
+    heads = np.concatenate(([0], brk))
+    run_starts = members[heads]
+    run_lens = np.diff(np.concatenate((heads, [members.size]))).astype(np.int64)
+    nrec = (run_lens + MAX_RUN - 1) // MAX_RUN
+    first = np.repeat(np.cumsum(nrec) - nrec, nrec)
+    k = np.arange(int(nrec.sum()), dtype=np.int64) - first
+    starts = np.repeat(run_starts, nrec) + (k * MAX_RUN).astype(np.uint64)
+    counts = np.minimum(MAX_RUN, np.repeat(run_lens, nrec) - k * MAX_RUN)
+    return starts, counts
+
+
+def plan(vol: Volume, snap: str, base: str | None = None,
+         resume: str | None = None) -> SendPlan:
+    """What `send` would stream, without reading a block: the selection, the records and
+    the exact byte size (`snapvol send --dry-run`)."""
+    with vol.mutex:
+        items, selection, flags = _choose(vol, snap, base)
+    top = items[0].entry
+    base_guid = next((i.entry.guid for i in items if i.role == ROLE_BASE), ZERO_GUID)
+    resume_from = 0
+    if resume is not None:
+        snap_guid, token_base, resume_from = decode_token(resume)
+        if snap_guid != top.guid or token_base != base_guid:
+            want = f"--base {base}" if base else "no --base"
+            raise SnapshotError(f"resume token is for another transfer (not snapshot {snap!r} "
+                                f"with {want}); run 'snapvol info DEST --json' for its token")
+        if resume_from > vol.nblocks:
+            raise SnapshotError("resume token points past the end of the volume")
+        flags |= HDR_RESUMED
+    members = selection.members()
+    if resume_from:
+        members = members[members >= np.uint64(resume_from)]
+    starts, counts = _records(members)
+    header = StreamHeader(vol.sb.uuid, vol.nblocks, top.guid, base_guid, selection.count(),
+                          resume_from, flags, len(items), time.time_ns())
+    nonzero = int(selection.nonzero_blocks().size)
+    full, rest = divmod(nonzero, MAX_PLANE_RUN)
+    plane_bytes = full * record_size(plane_record_payload(MAX_PLANE_RUN))
+    plane_bytes += record_size(plane_record_payload(rest)) if rest else 0
+    nblocks = int(members.size)
+    nbytes = (record_size(HEADER_PAYLOAD) + record_size(table_payload(len(items)))
+              + plane_bytes + len(starts) * record_size(blocks_record_payload(0))
+              + nblocks * BLOCK_SIZE + record_size(END_PAYLOAD))
+    return SendPlan(header, tuple(items), selection, starts, counts, nblocks, nbytes)
+
+
+def send(vol: Volume, snap: str, base: str | None = None,
+         resume: str | None = None) -> Iterator[bytes]:
+    """The image stream of `snap` (incremental from `base`, or the rest of an interrupted
+    transfer given its resume token), as chunks to write out in order."""
+    p = plan(vol, snap, base, resume)
+    return stream_plan(vol, p)
+
+
+def stream_plan(vol: Volume, p: SendPlan) -> Iterator[bytes]:
+    """The chunks of a planned stream. The snapshots read from are immutable while the
+    caller holds the volume, so the blocks cannot change under the stream (R1)."""
+    enc = Encoder()
+    yield from enc.header(p.header)
+    yield from enc.table(list(p.items))
+    yield from enc.plane(p.plane)
+    read = vol.dev.read
+    for vbn, count in zip(p.starts.tolist(), p.counts.tolist(), strict=True):
+        yield from enc.blocks(vbn, count, read(vbn, count))
+    yield from enc.end(p.nblocks)

@@ -1,0 +1,539 @@
+"""The image stream: VBN-tagged blocks of a storage image, as a sequence of records.
+
+Pure encode/decode, no I/O (the sans-IO style of h11). `Encoder` turns records into byte
+chunks; `Decoder` is fed byte chunks of any size (one byte at a time works) and yields
+records as they complete, checking each one before anything uses it (DESIGN.md §3.7):
+
+- every record ends in `xxh3_64(frame + payload, seed=record number)`, so a changed byte,
+  a dropped record, a repeated record and two records swapped are all caught;
+- records come in one order: HEADER, TABLE, PLANE..., BLOCKS..., END, nothing after;
+- an unknown record type is skipped when its REQUIRED flag is clear, refused otherwise;
+- sizes are bounded (`MAX_PAYLOAD`, `MAX_RUN`, `MAX_VOLUME_BLOCKS`) before any buffer
+  grows to hold them;
+- snapshot names in the table follow the volume's rules (no `/` or NUL, not `.`/`..`);
+- BLOCKS runs ascend, lie inside the volume and inside the selection plane the stream
+  announced, and END's totals match what came.
+
+The byte layout of every record is in docs/FORMAT.md ("Image streams").
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import xxhash
+
+from snapvol.errors import SnapvolError
+from snapvol.layout.constants import (
+    BLOCK_SIZE,
+    FIRST_DATA_VBN,
+    MAX_NAME,
+    MAX_SNAPSHOTS,
+    SNAP_ENTRY_SIZE,
+)
+from snapvol.layout.snaptable import SNAP_IN_USE, SnapEntry
+from snapvol.planes import PLANE_BLOCK_BYTES, Plane
+
+STREAM_MAGIC = b"SVSTREAM"
+STREAM_VERSION = 1
+
+REC_HEADER = 1
+REC_TABLE = 2
+REC_PLANE = 3
+REC_BLOCKS = 4
+REC_END = 5
+REC_NAMES = {REC_HEADER: "HEADER", REC_TABLE: "TABLE", REC_PLANE: "PLANE",
+             REC_BLOCKS: "BLOCKS", REC_END: "END"}
+
+FLAG_REQUIRED = 1
+"""Record flag: a reader that does not know the type must refuse the stream."""
+
+HDR_INCREMENTAL = 1
+HDR_RESUMED = 2
+HDR_SHADOW_BASE = 4
+KNOWN_HEADER_FLAGS = HDR_INCREMENTAL | HDR_RESUMED | HDR_SHADOW_BASE
+
+ROLE_TOP = 1  # the snapshot the stream brings (SNAP)
+ROLE_CARRIED = 2  # an older snapshot whose blocks the stream carries too
+ROLE_BASE = 3  # the base of an incremental stream; the destination must hold it
+ROLE_HELD = 4  # older than the base; its blocks are not sent, the destination holds them
+ROLE_NAMES = {ROLE_TOP: "top", ROLE_CARRIED: "carried", ROLE_BASE: "base", ROLE_HELD: "held"}
+
+ITEM_REQUIRED = 1
+"""TABLE item flag on a held snapshot: some of the blocks subtracted for it are in the
+snapshots the stream brings (a restore brought them back), so the destination must hold
+it; a held snapshot without the flag may be missing there (it is then dropped)."""
+
+MAX_RUN = 256
+"""Blocks per BLOCKS record (1 MiB): long enough that per-record work is noise."""
+MAX_PLANE_RUN = 256
+"""Plane blocks per PLANE record."""
+FIXED_MASK = (1 << FIRST_DATA_VBN) - 1
+"""VBNs 0-2 (superblock, root slots) belong to each volume and are never in a stream."""
+MAX_VOLUME_BLOCKS = 1 << 40
+"""Largest volume a stream may describe (4 PiB): bounds the plane a decoder builds."""
+
+FRAME = struct.Struct("<HHIQ")  # type, flags, reserved, payload length
+TRAILER = struct.Struct("<Q")
+OVERHEAD = FRAME.size + TRAILER.size
+_HEADER = struct.Struct("<8sII16sQII16s16sQQQ24x")
+_COUNT = struct.Struct("<I4x")
+_BLOCKS = struct.Struct("<QI4x")
+_END = struct.Struct("<QQ16x")
+_ROLE = struct.Struct("<BB6x")  # role, item flags
+TABLE_ITEM = _ROLE.size + SNAP_ENTRY_SIZE
+MAX_PAYLOAD = max(_BLOCKS.size + MAX_RUN * BLOCK_SIZE,
+                  _COUNT.size + MAX_PLANE_RUN * (4 + PLANE_BLOCK_BYTES) + 8,
+                  _COUNT.size + (MAX_SNAPSHOTS + 1) * TABLE_ITEM)
+
+
+class StreamError(SnapvolError):
+    """The stream is damaged, truncated, out of order or from an unknown version."""
+
+
+@dataclass(frozen=True, slots=True)
+class StreamHeader:
+    """What a stream is: whose blocks, which snapshot, relative to which base."""
+
+    source_uuid: bytes
+    nblocks: int
+    snap_guid: bytes
+    base_guid: bytes  # 16 zero bytes for a full stream
+    selected: int  # blocks in the selection plane (the whole transfer, resumed or not)
+    resume_from: int = 0  # the stream carries only selected blocks at or past this VBN
+    flags: int = 0
+    entries: int = 0  # snapshot table entries that follow
+    time_ns: int = 0
+    version: int = STREAM_VERSION
+    block_size: int = BLOCK_SIZE
+
+    @property
+    def incremental(self) -> bool:
+        return bool(self.flags & HDR_INCREMENTAL)
+
+    @property
+    def shadow_base(self) -> bool:
+        return bool(self.flags & HDR_SHADOW_BASE)
+
+    def encode(self) -> bytes:
+        return _HEADER.pack(STREAM_MAGIC, self.version, self.flags, self.source_uuid,
+                            self.nblocks, self.block_size, self.entries, self.snap_guid,
+                            self.base_guid, self.selected, self.resume_from, self.time_ns)
+
+    @classmethod
+    def decode(cls, data: bytes | memoryview) -> StreamHeader:
+        if len(data) != _HEADER.size:
+            raise StreamError(f"HEADER record is {len(data)} bytes, expected {_HEADER.size}")
+        (magic, version, flags, uuid, nblocks, bsize, entries, snap, base, selected,
+         resume_from, time_ns) = _HEADER.unpack(data)
+        if magic != STREAM_MAGIC:
+            raise StreamError("not a snapvol image stream (bad magic)")
+        if version != STREAM_VERSION:
+            raise StreamError(f"image stream version {version} is not supported "
+                              f"(this snapvol reads version {STREAM_VERSION})")
+        if flags & ~KNOWN_HEADER_FLAGS:
+            raise StreamError(f"image stream uses unknown features (flags {flags:#x})")
+        if bsize != BLOCK_SIZE:
+            raise StreamError(f"image stream block size {bsize} is not supported")
+        if not 0 < nblocks <= MAX_VOLUME_BLOCKS:
+            raise StreamError(f"image stream volume size of {nblocks} blocks is out of range")
+        if not 0 < entries <= MAX_SNAPSHOTS + 1:
+            raise StreamError(f"image stream announces {entries} snapshots (limit "
+                              f"{MAX_SNAPSHOTS + 1})")
+        if selected > nblocks or resume_from > nblocks:
+            raise StreamError("image stream header counts exceed the volume size")
+        if bool(flags & HDR_INCREMENTAL) != any(base):
+            raise StreamError("image stream header: base GUID and incremental flag disagree")
+        return cls(uuid, nblocks, snap, base, selected, resume_from, flags, entries,
+                   time_ns, version, bsize)
+
+
+@dataclass(frozen=True, slots=True)
+class TableItem:
+    role: int
+    entry: SnapEntry
+    required: bool = False  # HELD only: the increment relies on the destination holding it
+
+
+@dataclass(frozen=True, slots=True)
+class HeaderRecord:
+    header: StreamHeader
+
+
+@dataclass(frozen=True, slots=True)
+class TableRecord:
+    items: tuple[TableItem, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class PlaneRecord:
+    indexes: tuple[int, ...]
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class BlocksRecord:
+    vbn: int
+    count: int
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class EndRecord:
+    blocks: int
+    records: int
+
+
+Record = HeaderRecord | TableRecord | PlaneRecord | BlocksRecord | EndRecord
+
+
+def record_size(payload: int) -> int:
+    """Bytes a record with `payload` bytes of payload takes in the stream."""
+    return OVERHEAD + payload
+
+
+def plane_record_payload(count: int) -> int:
+    return _COUNT.size + (4 * count + 7) // 8 * 8 + count * PLANE_BLOCK_BYTES
+
+
+def blocks_record_payload(count: int) -> int:
+    return _BLOCKS.size + count * BLOCK_SIZE
+
+
+HEADER_PAYLOAD = _HEADER.size
+END_PAYLOAD = _END.size
+
+
+def table_payload(count: int) -> int:
+    return _COUNT.size + count * TABLE_ITEM
+
+
+class Encoder:
+    """Records to bytes. Each method returns the chunks of one or more records; block
+    data is passed through as given (no copy), so a 1 MiB run costs one hash."""
+
+    def __init__(self) -> None:
+        self.seq = 0
+
+    def _record(self, rtype: int, *parts: bytes) -> list[bytes]:
+        length = sum(len(p) for p in parts)
+        frame = FRAME.pack(rtype, FLAG_REQUIRED, 0, length)
+        h = xxhash.xxh3_64(frame, seed=self.seq)
+        for p in parts:
+            h.update(p)
+        self.seq += 1
+        return [frame, *parts, TRAILER.pack(h.intdigest())]
+
+    def header(self, header: StreamHeader) -> list[bytes]:
+        return self._record(REC_HEADER, header.encode())
+
+    def table(self, items: list[TableItem]) -> list[bytes]:
+        return self._record(REC_TABLE, encode_table(items))
+
+    def plane(self, plane: Plane) -> list[bytes]:
+        """PLANE records for the nonzero plane blocks of `plane` (none when it is empty)."""
+        out: list[bytes] = []
+        nonzero = plane.nonzero_blocks()
+        rows = plane.words.reshape(-1, PLANE_BLOCK_BYTES // 8)
+        for at in range(0, len(nonzero), MAX_PLANE_RUN):
+            idx = nonzero[at : at + MAX_PLANE_RUN]
+            head = _COUNT.pack(len(idx)) + np.asarray(idx, dtype="<u4").tobytes()
+            head += bytes(-len(head) % 8)
+            out += self._record(REC_PLANE, head, rows[idx].tobytes())
+        return out
+
+    def blocks(self, vbn: int, count: int, data: bytes) -> list[bytes]:
+        return self._record(REC_BLOCKS, _BLOCKS.pack(vbn, count), data)
+
+    def end(self, blocks: int) -> list[bytes]:
+        return self._record(REC_END, _END.pack(blocks, self.seq))
+
+
+def encode_table(items: list[TableItem]) -> bytes:
+    """The TABLE payload: a count, then per entry its role and its 512-byte table entry."""
+    body = [_COUNT.pack(len(items))]
+    body += [_ROLE.pack(i.role, ITEM_REQUIRED if i.required else 0) + i.entry.encode()
+             for i in items]
+    return b"".join(body)
+
+
+def check_entry_name(raw: bytes) -> str:
+    """The name of a table entry, or StreamError if the volume could not hold it."""
+    try:
+        name = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise StreamError("image stream: a snapshot name is not valid UTF-8") from None
+    if not raw or len(raw) > MAX_NAME or "/" in name or "\x00" in name or name in (".", ".."):
+        raise StreamError(f"image stream: invalid snapshot name {name!r}")
+    return name
+
+
+def decode_table(data: bytes | memoryview, header: StreamHeader) -> tuple[TableItem, ...]:
+    """The TABLE payload, checked against the header (roles, GUIDs, names)."""
+    if len(data) < _COUNT.size:
+        raise StreamError("TABLE record is too short")
+    (count,) = _COUNT.unpack_from(data)
+    if count != header.entries or len(data) != table_payload(count):
+        raise StreamError(f"TABLE record holds {count} entries in {len(data)} bytes; the "
+                          f"header announced {header.entries}")
+    items: list[TableItem] = []
+    guids: set[bytes] = set()
+    names: set[str] = set()
+    for i in range(count):
+        at = _COUNT.size + i * TABLE_ITEM
+        role, item_flags = _ROLE.unpack_from(data, at)
+        raw = bytes(data[at + _ROLE.size : at + TABLE_ITEM])
+        flags, nlen = struct.unpack_from("<IH", raw)
+        if role not in ROLE_NAMES or not flags & SNAP_IN_USE or not 0 < nlen <= MAX_NAME or (
+                item_flags & ~ITEM_REQUIRED or (item_flags and role != ROLE_HELD)):
+            raise StreamError(f"TABLE entry {i} is malformed (role {role}, flags {flags})")
+        check_entry_name(raw[256 : 256 + nlen])
+        entry = SnapEntry.decode(raw)
+        assert entry is not None
+        if entry.guid in guids or entry.name in names:
+            raise StreamError(f"TABLE lists snapshot {entry.name!r} twice")
+        guids.add(entry.guid)
+        names.add(entry.name)
+        items.append(TableItem(role, entry, bool(item_flags & ITEM_REQUIRED)))
+    tops = [t for t in items if t.role == ROLE_TOP]
+    bases = [t for t in items if t.role == ROLE_BASE]
+    if len(tops) != 1 or tops[0].entry.guid != header.snap_guid:
+        raise StreamError("TABLE does not name the header's snapshot exactly once")
+    if header.incremental and (len(bases) != 1 or bases[0].entry.guid != header.base_guid):
+        raise StreamError("TABLE does not name the header's base exactly once")
+    if not header.incremental and (bases or any(t.role == ROLE_HELD for t in items)):
+        raise StreamError("TABLE of a full stream names a base")
+    return tuple(items)
+
+
+def _past_end(plane: Plane) -> bool:
+    """Whether any bit at or past `plane.nblocks` is set (only a damaged stream does)."""
+    word, bit = divmod(plane.nblocks, 64)
+    if bit and int(plane.words[word]) >> bit:
+        return True
+    return bool(plane.words[word + (1 if bit else 0) :].any())
+
+
+def count_from(plane: Plane, vbn: int) -> int:
+    """Blocks of `plane` at or past `vbn`."""
+    word, bit = divmod(vbn, 64)
+    words = plane.words
+    total = int(np.bitwise_count(words[word + 1 :]).sum(dtype=np.uint64)) if word + 1 < len(
+        words) else 0
+    if word < len(words):
+        total += (int(words[word]) >> bit).bit_count()
+    return total
+
+
+class Decoder:
+    """Bytes in, checked records out. `feed` chunks, take `records()`, then `finish()`.
+
+    Nothing a record says is used before its checksum and its place in the order are
+    checked; the first problem raises StreamError and the decoder stays failed.
+    """
+
+    _HEADER, _TABLE, _PLANE, _BLOCKS, _DONE = range(5)
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+        self._pos = 0
+        self.seq = 0
+        self.offset = 0  # stream bytes consumed by complete records
+        self._state = self._HEADER
+        self.header: StreamHeader | None = None
+        self.table: tuple[TableItem, ...] = ()
+        self.plane: Plane | None = None
+        self._last_index = -1
+        self._next_vbn = 0
+        self.blocks = 0
+        self._failed: StreamError | None = None
+
+    @property
+    def ended(self) -> bool:
+        return self._state == self._DONE
+
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
+        if self._pos and self._pos >= len(self._buf) // 2:
+            del self._buf[: self._pos]
+            self._pos = 0
+        self._buf += data
+
+    def records(self) -> Iterator[Record]:
+        """Every record complete in what was fed so far, in order."""
+        while True:
+            rec = self.next_record()
+            if rec is None:
+                return
+            yield rec
+
+    def next_record(self) -> Record | None:
+        if self._failed is not None:
+            raise self._failed
+        try:
+            return self._next()
+        except StreamError as err:
+            self._failed = err
+            raise
+
+    def _next(self) -> Record | None:
+        while True:
+            buf, pos = self._buf, self._pos
+            avail = len(buf) - pos
+            if avail < FRAME.size:
+                if avail and self._state == self._DONE:
+                    raise StreamError("image stream has bytes after its END record")
+                return None
+            rtype, flags, reserved, length = FRAME.unpack_from(buf, pos)
+            if self._state == self._DONE:
+                raise StreamError("image stream has bytes after its END record")
+            if self.seq == 0 and (rtype, flags, length) != (REC_HEADER, FLAG_REQUIRED,
+                                                            _HEADER.size):
+                raise StreamError("not a snapvol image stream (it does not start with a "
+                                  "stream header)")
+            if length > MAX_PAYLOAD:
+                raise StreamError(f"record {self.seq} claims {length} bytes, past the limit "
+                                  f"of {MAX_PAYLOAD} (damaged stream)")
+            if avail < FRAME.size + length + TRAILER.size:
+                return None
+            end = pos + FRAME.size + length
+            (csum,) = TRAILER.unpack_from(buf, end)
+            with memoryview(buf) as mv:
+                if xxhash.xxh3_64_intdigest(mv[pos:end], seed=self.seq) != csum:
+                    raise StreamError(f"record {self.seq} at byte {self.offset} fails its "
+                                      "checksum (damaged, reordered or spliced stream)")
+                payload = bytes(mv[pos + FRAME.size : end])
+            if reserved:
+                raise StreamError(f"record {self.seq}: reserved frame bytes are not zero")
+            self._pos = end + TRAILER.size
+            self.offset += FRAME.size + length + TRAILER.size
+            self.seq += 1
+            if rtype not in REC_NAMES:
+                if flags & FLAG_REQUIRED:
+                    raise StreamError(f"record {self.seq - 1} has unknown required type "
+                                      f"{rtype}: a newer snapvol wrote this stream")
+                continue
+            return self._accept(rtype, payload)
+
+    def _accept(self, rtype: int, payload: bytes) -> Record:
+        name = REC_NAMES[rtype]
+        expected = {self._HEADER: (REC_HEADER,), self._TABLE: (REC_TABLE,),
+                    self._PLANE: (REC_PLANE, REC_BLOCKS, REC_END),
+                    self._BLOCKS: (REC_BLOCKS, REC_END)}[self._state]
+        if rtype not in expected:
+            want = " or ".join(REC_NAMES[t] for t in expected)
+            raise StreamError(f"record {self.seq - 1} is {name} where {want} was expected "
+                              "(records out of order)")
+        if rtype == REC_HEADER:
+            self.header = StreamHeader.decode(payload)
+            self.plane = Plane.zeros(self.header.nblocks)
+            self._next_vbn = self.header.resume_from
+            self._state = self._TABLE
+            return HeaderRecord(self.header)
+        header, plane = self.header, self.plane
+        assert header is not None and plane is not None
+        if rtype == REC_TABLE:
+            self.table = decode_table(payload, header)
+            self._state = self._PLANE
+            return TableRecord(self.table)
+        if rtype == REC_PLANE:
+            return self._plane_record(payload, plane)
+        if self._state == self._PLANE:
+            if plane.count() != header.selected:
+                raise StreamError(f"the selection plane holds {plane.count()} blocks; the "
+                                  f"header announced {header.selected}")
+            self._state = self._BLOCKS
+        if rtype == REC_BLOCKS:
+            return self._blocks_record(payload, header, plane)
+        if len(payload) != _END.size:
+            raise StreamError("END record has the wrong size")
+        blocks, records = _END.unpack(payload)
+        expect = count_from(plane, header.resume_from)
+        if blocks != self.blocks or blocks != expect or records != self.seq - 1:
+            raise StreamError(f"END record counts {blocks} blocks in {records} records; "
+                              f"the stream held {self.blocks} of {expect}")
+        self._state = self._DONE
+        return EndRecord(blocks, records)
+
+    def _plane_record(self, payload: bytes, plane: Plane) -> PlaneRecord:
+        if len(payload) < _COUNT.size:
+            raise StreamError("PLANE record is too short")
+        (count,) = _COUNT.unpack_from(payload)
+        if not 0 < count <= MAX_PLANE_RUN or len(payload) != plane_record_payload(count):
+            raise StreamError(f"PLANE record of {count} plane blocks has the wrong size")
+        idx = np.frombuffer(payload, dtype="<u4", count=count, offset=_COUNT.size)
+        at = len(payload) - count * PLANE_BLOCK_BYTES
+        if int(idx[0]) <= self._last_index or (count > 1 and bool((np.diff(idx) <= 0).any())) \
+                or int(idx[-1]) >= plane.plane_blocks:
+            raise StreamError("PLANE record: plane blocks out of order or outside the volume")
+        data = payload[at:]
+        words = np.frombuffer(data, dtype="<u8").reshape(count, -1)
+        if not words.any(axis=1).all():
+            raise StreamError("PLANE record holds an empty plane block")
+        rows = plane.words.reshape(-1, PLANE_BLOCK_BYTES // 8)
+        rows[idx.astype(np.intp)] = words
+        if int(idx[-1]) == plane.plane_blocks - 1 and _past_end(plane):
+            raise StreamError("PLANE record selects blocks past the end of the volume")
+        if int(plane.words[0]) & FIXED_MASK:
+            raise StreamError("PLANE record selects the superblock or a root slot")
+        self._last_index = int(idx[-1])
+        return PlaneRecord(tuple(int(i) for i in idx), data)
+
+    def _blocks_record(self, payload: bytes, header: StreamHeader,
+                       plane: Plane) -> BlocksRecord:
+        if len(payload) < _BLOCKS.size:
+            raise StreamError("BLOCKS record is too short")
+        vbn, count = _BLOCKS.unpack_from(payload)
+        if not 0 < count <= MAX_RUN or len(payload) != blocks_record_payload(count):
+            raise StreamError(f"BLOCKS record of {count} blocks has the wrong size")
+        if vbn < self._next_vbn or vbn + count > header.nblocks:
+            raise StreamError(f"BLOCKS record at VBN {vbn} is out of order or outside the "
+                              "volume")
+        if not plane.test_many(np.arange(vbn, vbn + count, dtype=np.uint64)).all():
+            raise StreamError(f"BLOCKS record at VBN {vbn} carries blocks the selection "
+                              "plane does not hold")
+        self._next_vbn = vbn + count
+        self.blocks += count
+        return BlocksRecord(vbn, count, payload[_BLOCKS.size :])
+
+    def finish(self) -> None:
+        """The input ended: refuse a stream that stopped before its END record."""
+        if self._failed is not None:
+            raise self._failed
+        if self._state != self._DONE:
+            what = REC_NAMES.get(
+                {self._HEADER: REC_HEADER, self._TABLE: REC_TABLE}.get(self._state, 0),
+                "BLOCKS or END")
+            raise StreamError(f"image stream is truncated after {self.offset} bytes "
+                              f"(expected {what} next)")
+
+
+_TOKEN = struct.Struct("<B16s16sQ")
+TOKEN_PREFIX = "svr1-"
+
+
+def encode_token(snap_guid: bytes, base_guid: bytes, done: int) -> str:
+    """A resume token: which transfer (SNAP and BASE GUIDs) and the VBN below which every
+    selected block is durable at the destination, with a checksum against typos."""
+    body = _TOKEN.pack(1, snap_guid, base_guid, done)
+    return TOKEN_PREFIX + body.hex() + f"{xxhash.xxh3_64_intdigest(body) & 0xFFFFFFFF:08x}"
+
+
+def decode_token(token: str) -> tuple[bytes, bytes, int]:
+    """(snap GUID, base GUID, resume VBN) of a token; StreamError if it is not one."""
+    bad = StreamError(f"{token[:60]!r} is not a valid resume token (copy it from "
+                      "'snapvol info DEST --json')")
+    text = token.strip()
+    if not text.startswith(TOKEN_PREFIX) or len(text) != len(TOKEN_PREFIX) + 2 * _TOKEN.size + 8:
+        raise bad
+    try:
+        body = bytes.fromhex(text[len(TOKEN_PREFIX) : -8])
+        check = int(text[-8:], 16)
+    except ValueError:
+        raise bad from None
+    version, snap, base, done = _TOKEN.unpack(body)
+    if version != 1 or xxhash.xxh3_64_intdigest(body) & 0xFFFFFFFF != check:
+        raise bad
+    return snap, base, done

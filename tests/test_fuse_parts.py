@@ -1,0 +1,87 @@
+"""The FUSE front end's parts that need no mount: inode numbering, the registry, the
+control protocol's client side."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from snapvol.fuse import registry
+from snapvol.fuse.control import ControlError, call, decode, encode
+from snapvol.fuse.inodes import FUSE_ROOT, SNAPDIR_INO, from_fuse, to_fuse
+from snapvol.layout.constants import FIRST_USER_INO, ROOT_INO
+
+
+def test_inode_numbers_are_distinct_and_round_trip() -> None:
+    seen = set()
+    for snap_id in (0, 1, 2, 255, 70_000):
+        for ino in (ROOT_INO, FIRST_USER_INO, 12345, (1 << 40) - 1):
+            fino = to_fuse(snap_id, ino)
+            assert fino not in seen and fino != SNAPDIR_INO
+            seen.add(fino)
+            assert from_fuse(fino) == (snap_id, ino)
+    assert to_fuse(0, ROOT_INO) == FUSE_ROOT
+    assert SNAPDIR_INO < FIRST_USER_INO  # never allocated by the engine
+
+
+@pytest.fixture
+def run_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("SNAPVOL_RUN_DIR", str(tmp_path / "run"))
+    return tmp_path / "run"
+
+
+def test_registry_drops_entries_of_dead_processes(tmp_path: Path, run_dir: Path) -> None:
+    image = tmp_path / "vol.img"
+    image.write_bytes(b"")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    entry = registry.MountEntry(str(image), str(tmp_path), int(dead.stdout), "/nonexistent",
+                                False, 0)
+    registry.register(entry)
+    assert registry.find_image(image) is None
+    assert registry.mounts() == []
+    assert list(run_dir.glob("*.json")) == []
+    live = registry.MountEntry(str(image), str(tmp_path), os.getpid(), "/nonexistent", True, 1)
+    registry.register(live)
+    assert registry.find_image(image) == live
+    assert registry.find_mountpoint(tmp_path) == live
+    registry.unregister(image, os.getpid())
+    assert registry.find_image(image) is None
+
+
+def test_control_client_errors(tmp_path: Path, run_dir: Path) -> None:
+    image = tmp_path / "vol.img"
+    image.write_bytes(b"")
+    sock_path = registry.socket_path(image)
+    entry = registry.MountEntry(str(image), str(tmp_path), os.getpid(), sock_path, False, 0)
+    with pytest.raises(ControlError, match="cannot reach the mount"):
+        call(entry, "ping", timeout=5)
+
+    answers = [encode({"ok": False, "error": "no snapshot named 'x'"}), b"not json\n"]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as server:
+        server.bind(sock_path)
+        server.listen(4)
+
+        def serve() -> None:
+            for answer in answers:
+                conn, _ = server.accept()
+                with conn:
+                    request = decode(conn.recv(65536))
+                    assert request == {"op": "snap_delete", "args": {"name": "x"}}
+                    conn.sendall(answer)
+
+        t = threading.Thread(target=serve)
+        t.start()
+        with pytest.raises(ControlError, match=r"^no snapshot named 'x'$"):
+            call(entry, "snap_delete", timeout=5, name="x")
+        with pytest.raises(ControlError, match="without an answer"):
+            call(entry, "snap_delete", timeout=5, name="x")
+        t.join(timeout=10)
+    assert json.loads(encode({"a": 1})) == {"a": 1}
