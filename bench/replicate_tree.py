@@ -86,8 +86,13 @@ def run(ctx: Context) -> list[Figure]:
                 fs.write(ino, 0, _payload(i, 1))
         for i in changed:
             w, name = files[i]
-            with open(base + b"/" + dirs[w] + b"/" + name, "r+b") as f:
+            path = base + b"/" + dirs[w] + b"/" + name
+            with open(path, "r+b") as f:
                 f.write(_payload(i, 1))
+            # Same size, and possibly the same second as the first copy: give the change
+            # the later mtime a real edit would have, or rsync's quick check skips it.
+            st = os.stat(path)
+            os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 2_000_000_000))
         settle(tmp)
         ctx.say("timing rsync -a")
         t0 = time.perf_counter()

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The snapvol tour: a volume, a tree copied in, snapshots, changes, an old version read
-# back, a "mirror" made from a snapshot and compared with the source, a restore, fsck.
+# back, a mirror kept current with replicate and checked with verify, a restore, fsck.
 # Runs in a temporary directory that is removed at the end; finishes in seconds.
 set -euo pipefail
 
@@ -58,10 +58,27 @@ step "cat README now and in hourly.0"
 "$snapvol" cat vol.img /project/README
 "$snapvol" cat vol.img /project/README --snapshot hourly.0
 
-step "mirror: copy snapshot hourly.0 out to a second directory and compare it with the source"
-"$snapvol" get vol.img /project mirror --snapshot hourly.0
-diff -r project mirror
-echo "mirror of hourly.0 matches the source tree"
+step "copy snapshot hourly.0 out to a host directory and compare it with the source tree"
+"$snapvol" get vol.img /project copy --snapshot hourly.0
+diff -r project copy
+echo "hourly.0 matches the source tree"
+
+step "mirror the volume to a second image (a baseline transfer: every block, same block numbers)"
+"$snapvol" replicate vol.img mirror.img --create
+
+step "change the source and replicate again: only the changed blocks travel"
+printf 'added after the first mirror run\n' > later.txt
+"$snapvol" put vol.img later.txt /project/docs
+"$snapvol" replicate vol.img mirror.img
+
+step "the mirror holds the same snapshots, checked with the checksum tree"
+"$snapvol" snap list mirror.img
+newest=$("$snapvol" snap list mirror.img --json | python3 -c 'import json,sys; print(json.load(sys.stdin)[-1]["name"])')
+"$snapvol" verify "vol.img@$newest" "mirror.img@$newest"
+"$snapvol" cat mirror.img /project/docs/later.txt --snapshot "$newest"
+
+step "an incremental stream by hand: send hourly.1 relative to hourly.0, exact size first"
+"$snapvol" send vol.img hourly.1 --base hourly.0 --dry-run
 
 step "restore hourly.0 and check the active file system is the original tree again"
 "$snapvol" snap restore vol.img hourly.0

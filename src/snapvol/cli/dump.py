@@ -8,21 +8,16 @@
 
 from __future__ import annotations
 
-import contextlib
-import os
 import sys
-from collections.abc import Iterator
-from typing import IO
 
 import click
 from rich.table import Table
 
-from snapvol.cli.output import console, print_json, show_time
+from snapvol.cli.output import console, print_json, show_time, stream_output
 from snapvol.cli.progress import byte_progress
 from snapvol.cli.session import open_volume
 from snapvol.cli.sizes import human_size
 from snapvol.engine import dumps
-from snapvol.errors import SnapvolError
 from snapvol.image.dump import base_of, dump, guid_str, restore
 
 
@@ -52,7 +47,8 @@ def dump_cmd(image: str, snap: str | None, level: int | None, output: str | None
         raise click.UsageError("not writing a binary dump to a terminal: give -o FILE")
     with open_volume(image, writable=True) as vol:
         base = base_of(vol, level)
-        with _output(output) as out, byte_progress("dumping") as progress:
+        with stream_output(output, "dumps are never overwritten") as out, \
+                byte_progress("dumping") as progress:
             rec = dump(vol, snap, level, out, progress)
     facts = {"image": image, "snapshot": rec.snap_name, "guid": guid_str(rec.snap_guid),
              "level": rec.level, "base": base.snap_name if base else None,
@@ -87,28 +83,6 @@ def _list(image: str, as_json: bool) -> None:
         table.add_row(str(r.level), r.snap_name, base, show_time(r.time_ns),
                       human_size(r.nbytes))
     console().print(table)
-
-
-@contextlib.contextmanager
-def _output(path: str | None) -> Iterator[IO[bytes]]:
-    if path is None:
-        yield sys.stdout.buffer
-        return
-    if os.path.lexists(path):
-        raise SnapvolError(f"{path} already exists: dumps are never overwritten; "
-                           "name a new file")
-    try:
-        f = open(path, "wb")  # noqa: SIM115 - closed below, removed when the dump fails
-    except OSError as err:
-        raise SnapvolError(f"cannot write {path}: {err.strerror}") from None
-    try:
-        with f:
-            yield f
-            os.fsync(f.fileno())
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(path)
-        raise
 
 
 @click.command("restore")

@@ -119,7 +119,7 @@ def fsck(image: str, as_json: bool, online: bool) -> None:
     else:
         for problem in problems:
             click.echo(f"problem: {problem}")
-        counted = ", ".join(f"{value} {key}" for key, value in stats.items())
+        counted = ", ".join(f"{value} {key.replace('_', ' ')}" for key, value in stats.items())
         verdict = "clean" if clean else f"{len(problems)} problem(s)"
         click.echo(f"{image}: {verdict}" + (f" ({counted})" if counted else ""))
     if not clean:

@@ -7,14 +7,19 @@ wrapped at 80 columns.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import stat
 import sys
+from collections.abc import Iterator
 from datetime import datetime
+from typing import IO
 
 import click
 from rich.console import Console
+
+from snapvol.errors import SnapvolError
 
 
 def console() -> Console:
@@ -54,3 +59,28 @@ _TYPES = {
 
 def type_name(mode: int) -> str:
     return _TYPES.get(stat.S_IFMT(mode), "unknown")
+
+
+@contextlib.contextmanager
+def stream_output(path: str | None, refuse_existing: str | None = None) -> Iterator[IO[bytes]]:
+    """Where a stream goes: stdout, or a new file that is fsynced once complete and
+    removed if the command fails part way, so a half-written stream never passes for a
+    whole one. `refuse_existing`, when given, is the reason an existing file is refused."""
+    if path is None:
+        yield sys.stdout.buffer
+        return
+    if refuse_existing is not None and os.path.lexists(path):
+        raise SnapvolError(f"{path} already exists: {refuse_existing}; name a new file")
+    try:
+        f = open(path, "wb")  # noqa: SIM115 - closed below, removed when the command fails
+    except OSError as err:
+        raise SnapvolError(f"cannot write {path}: {err.strerror}") from None
+    try:
+        with f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        raise

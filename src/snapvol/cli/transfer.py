@@ -17,7 +17,7 @@ from typing import IO, Any
 
 import click
 
-from snapvol.cli.output import print_json
+from snapvol.cli.output import print_json, stream_output
 from snapvol.cli.progress import byte_progress
 from snapvol.cli.session import open_volume
 from snapvol.cli.sizes import human_size
@@ -71,7 +71,7 @@ def send(image: str, snap: str, base: str | None, output: str | None, dry_run: b
                 click.echo(f"would send {human_size(p.nbytes)} ({p.nbytes} bytes, "
                            f"{p.nblocks} blocks): snapshot {snap}, {what}")
             return
-        with _output(output) as out, byte_progress("sending") as progress:
+        with stream_output(output) as out, byte_progress("sending") as progress:
             done = 0
             for chunk in stream_plan(vol, p):
                 out.write(chunk)
@@ -79,24 +79,6 @@ def send(image: str, snap: str, base: str | None, output: str | None, dry_run: b
                 if progress is not None:
                     progress(done, p.nbytes)
             out.flush()
-
-
-@contextlib.contextmanager
-def _output(path: str | None) -> Iterator[IO[bytes]]:
-    if path is None:
-        yield sys.stdout.buffer
-        return
-    try:
-        f = open(path, "wb")  # noqa: SIM115 - closed below, removed when the send fails
-    except OSError as err:
-        raise SnapvolError(f"cannot write {path}: {err.strerror}") from None
-    try:
-        with f:
-            yield f
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(path)
-        raise
 
 
 def _chunks(f: IO[bytes]) -> Iterator[bytes]:

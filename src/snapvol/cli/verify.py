@@ -117,7 +117,8 @@ def _report(result: Comparison, sides: tuple[dict[str, object], dict[str, object
         if src["guid"] and dst["guid"] and src["guid"] != dst["guid"]:
             note = " (different snapshot GUIDs, same content)"
         click.echo(f"same: {_label(src)} and {_label(dst)} hold the same file system{note} "
-                   f"({result.pointers_compared} pointers compared, "
+                   f"({result.pointers_compared} pointer"
+                   f"{'' if result.pointers_compared == 1 else 's'} compared, "
                    f"{result.seconds:.3f} s)")
         return
     click.echo(f"different: {_label(src)} and {_label(dst)}: "

@@ -133,9 +133,9 @@ class BlockTree:
         parent = self.node(2, idx >> PTR_SHIFT)
         lo = idx & _MASK
         hi = min(PTRS_PER_BLOCK, lo + PREFETCH_NODES)
-        wanted = sorted((int(v), int(c), idx - lo + i)
+        wanted = sorted((int(v), int(c), idx + i)
                         for i, (v, c) in enumerate(parent[lo:hi].tolist())
-                        if v and (1, idx - lo + i) not in self.nodes)
+                        if v and (1, idx + i) not in self.nodes)
         start = 0
         while start < len(wanted):
             stop = start + 1
