@@ -1,11 +1,16 @@
 """Benchmark 6: image streams, full and incremental, sender and receiver in two processes
 joined by a pipe (as `snapvol send SRC S | snapvol receive DST`, minus interpreter start).
 
-- Full: a 4 GiB volume, 85% full of file data, sent and received into a new image,
-  against `cat SRC | cat > COPY` followed by an fsync of COPY (the receive is durable at
-  its end, so the anchor is too). Both read the source with its page cache dropped.
-  Throughput is the volume size over the time, for both. A second row, without target,
-  compares with `cat | cat > COPY` left in the page cache.
+- Full: a 4 GiB volume, 85% full of file data, sent and received into a new image.
+  Two anchors, both reading the source with its page cache dropped:
+  `cat SRC | cat > COPY` as the issue states it (the target applies to this one), and the
+  same followed by an fsync of COPY (reported): the receive is durable when it returns
+  (its last CP flushes), while plain `cat` leaves its copy dirty in the page cache.
+  Throughput is the image size (4 GiB) over the time for all three, so the figures
+  compare the same job, copying the volume; the stream carries only the allocated
+  blocks (about 85% of the image, noted in the row), while `cat` reads the holes too
+  (cheap: nothing on disk) and writes them as zeros. At full scale each of the three
+  runs twice, in the opposite order the second time, and keeps its best time.
 - Incremental: 1% of the volume (1 MiB pieces of existing files at random offsets) is
   rewritten and snapshotted; the increment is sent and received. Bytes sent are compared
   with the bytes changed, and the time with the full transfer's.
@@ -24,6 +29,7 @@ from snapvol import image
 from snapvol.engine import snapshots
 from snapvol.engine.volume import Volume
 from snapvol.fs import FileSystem
+from snapvol.image.pipes import widen_pipe
 from snapvol.layout.constants import ROOT_INO
 
 NAME = "image_transfer"
@@ -87,6 +93,7 @@ def _transfer(src: Path, dst: Path, snap: str, base: str | None, create: int) ->
         code = 0
         try:
             os.close(r)
+            widen_pipe(w)
             with Volume.open(src, writable=False) as vol, open(w, "wb") as out:
                 for chunk in image.send(vol, snap, base):
                     out.write(chunk)
@@ -96,10 +103,11 @@ def _transfer(src: Path, dst: Path, snap: str, base: str | None, create: int) ->
     os.close(w)
     if create:
         Volume.create(dst, create).close()
+    widen_pipe(r)
     vol = image.open_for_receive(str(dst))
     try:
         with open(r, "rb", buffering=0) as inp:
-            result = image.receive(vol, iter(lambda: inp.read(1 << 20), b""))
+            result = image.receive(vol, inp)
     finally:
         vol.close()
     _, status = os.waitpid(pid, 0)
@@ -135,23 +143,33 @@ def _same(src: Path, dst: Path, files: list[tuple[int, int]]) -> None:
 def run(ctx: Context) -> list[Figure]:
     size, fbytes = SIZES[ctx.scale.name], FILE_BYTES[ctx.scale.name]
     label = f"{size // GiB} GiB" if size >= GiB else f"{size // MiB} MiB"
+    rounds = ctx.scale.seq_rounds
     with ctx.scratch(NAME) as tmp:
         src, dst, copy = tmp / "src.img", tmp / "dst.img", tmp / "copy.img"
         files = _fill(src, size, fbytes, ctx)
-        settle(tmp)
-        evict(src)
-        ctx.say("cat | cat > file")
-        t_cat = _cat(src, copy)
-        copy.unlink()
-        settle(tmp)
-        evict(src)
-        t_cat_cached = _cat(src, copy, durable=False)  # left in the page cache
-        copy.unlink()
-        settle(tmp)
-        evict(src)
-        ctx.say("full send | receive")
-        with ctx.profiled("full send | receive"):
-            t_full, full_bytes = _transfer(src, dst, "full", None, size)
+        times = {"cat": float("inf"), "cat+fsync": float("inf"), "send|receive": float("inf")}
+        full_bytes = 0
+
+        def measure(what: str, r: int) -> None:
+            nonlocal full_bytes
+            if what == "send|receive":
+                dst.unlink(missing_ok=True)  # the last one received stays, for the increment
+            settle(tmp)
+            evict(src)
+            ctx.say(f"{what} (round {r + 1})")
+            if what == "send|receive":
+                with ctx.profiled("full send | receive"):
+                    t, full_bytes = _transfer(src, dst, "full", None, size)
+            else:  # plain cat leaves its copy dirty in the page cache
+                t = _cat(src, copy, durable=what == "cat+fsync")
+                copy.unlink()
+            times[what] = min(times[what], t)
+
+        for r in range(rounds):
+            # The order flips each round, so no side always runs first (or last).
+            for what in list(times)[:: -1 if r % 2 else 1]:
+                measure(what, r)
+        t_cat, t_cat_sync, t_full = times["cat"], times["cat+fsync"], times["send|receive"]
         changed = _change(src, files, int(size * CHANGED), seed=1)
         settle(tmp)
         evict(src)
@@ -160,16 +178,19 @@ def run(ctx: Context) -> list[Figure]:
             t_inc, inc_bytes = _transfer(src, dst, "inc", "full", 0)
         _same(src, dst, files)
     mib = size / MiB
+    best = f"best of {rounds}, " if rounds > 1 else ""
     return [
         with_anchor(
             Figure(TITLE, f"full send | receive, {label} volume", mib / t_full, "MiB/s",
                    targets=[Target("ratio", ">=", 0.7, "ratio ≥ 0.7")],
-                   note=f"stream {full_bytes / MiB:.0f} MiB in {t_full:.2f}s"),
-            "cat | cat > file, fsync", mib / t_cat),
+                   note=f"{best}image MiB/s; stream {full_bytes / MiB:.0f} MiB in "
+                        f"{t_full:.2f}s, durable at the end"),
+            "cat | cat > file", mib / t_cat),
         with_anchor(
-            Figure(TITLE, "full send | receive, against cat without fsync", mib / t_full,
-                   "MiB/s", note="no target: the anchor leaves its copy in the page cache"),
-            "cat | cat > file", mib / t_cat_cached),
+            Figure(TITLE, "full send | receive, against a durable cat", mib / t_full,
+                   "MiB/s", note="reported: the anchor fsyncs its copy, as the receive "
+                                 "makes its blocks durable"),
+            "cat | cat > file, fsync", mib / t_cat_sync),
         Figure(TITLE, f"incremental bytes sent / changed ({CHANGED:.0%})",
                inc_bytes / changed, "x",
                targets=[Target("value", "<=", 1.05, "≤ 1.05")],

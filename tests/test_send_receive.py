@@ -4,7 +4,9 @@ refusals write nothing; interrupted receives resume or abort; readers never see 
 
 from __future__ import annotations
 
+import io
 import random
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -230,6 +232,34 @@ def test_resume_after_a_cut(mirrored: tuple[Volume, MemoryDevice, Volume],
     assert_mirrors(dst, src, "s2")
 
 
+def test_a_failed_checkpoint_stops_the_receive(mirrored: tuple[Volume, MemoryDevice, Volume],
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Checkpoints run in a thread beside the transfer; a flush that fails there stops
+    the receive with that error, and the destination keeps its previous state."""
+    src, _, dst = mirrored
+    monkeypatch.setattr("snapvol.image.receiver.CHECKPOINT_BYTES", 4096)
+    before = read_tree(FileSystem(dst))
+    flushes = 0
+    real_flush = dst.dev.flush
+
+    def failing_flush() -> None:
+        nonlocal flushes
+        if threading.current_thread().name == "snapvol-receive-checkpoint":
+            flushes += 1
+            if flushes == 2:
+                raise OSError(5, "Input/output error")
+        real_flush()
+
+    monkeypatch.setattr(dst.dev, "flush", failing_flush)
+    with pytest.raises(OSError, match="Input/output"):
+        image.receive(dst, io.BytesIO(stream(src, "s2", "s0")))
+    assert flushes == 2
+    assert read_tree(FileSystem(dst)) == before
+    monkeypatch.setattr(dst.dev, "flush", real_flush)
+    image.receive(dst, [stream(src, "s2", "s0", image.resume_token(dst))])
+    assert_mirrors(dst, src, "s2")
+
+
 def test_a_second_stream_is_refused_while_one_is_partial(
         mirrored: tuple[Volume, MemoryDevice, Volume]) -> None:
     src, _, dst = mirrored
@@ -379,8 +409,12 @@ def test_damaged_streams_are_refused_then_resumed_or_aborted(case: Case, seed: i
         for _ in range(rng.randint(1, 3)):
             flipped[rng.randrange(len(data))] ^= 1 << rng.randrange(8)
         bad = bytes(flipped)
+    # Half the cases read the stream as a raw file (records read into their own
+    # buffers), half as chunks fed to the decoder.
+    source = (io.BytesIO(bad) if (seed // 2) % 2
+              else (bad[i : i + 50_000] for i in range(0, len(bad), 50_000)))
     with pytest.raises(StreamError):
-        image.receive(dst, (bad[i : i + 50_000] for i in range(0, len(bad), 50_000)))
+        image.receive(dst, source)
     assert Case.forms(dst) == before  # refused: the previous state, whole
     token = image.resume_token(dst)
     if token is not None and rng.random() < 0.3:

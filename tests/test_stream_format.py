@@ -4,6 +4,7 @@ chunking down to single bytes, and every kind of bad input is refused with a cle
 
 from __future__ import annotations
 
+import io
 import os
 import random
 import struct
@@ -92,6 +93,21 @@ def decode_all(stream: bytes, piece: int | None = None) -> list[object]:
     return out
 
 
+def decode_read(stream: bytes, piece: int | None = None) -> list[object]:
+    """Decode through `Decoder.read_record`, from a reader that returns at most `piece`
+    bytes per call (as a pipe does)."""
+    dec = Decoder()
+    src = io.BytesIO(stream)
+
+    def readinto(view: memoryview) -> int:
+        return src.readinto(view[:piece] if piece else view)
+
+    out: list[object] = []
+    while (rec := dec.read_record(readinto)) is not None:
+        out.append(rec)
+    return out
+
+
 VBNS = [3, 4, 5, 100, 101, 40_000, *range(50_000, 50_600), 69_999]
 
 
@@ -124,9 +140,31 @@ def test_decoder_takes_any_chunking(piece: int) -> None:
     assert decode_all(stream, piece) == decode_all(stream)
 
 
+@pytest.mark.parametrize("piece", [None, 1, 7, 4096, 65537])
+def test_reading_records_from_a_file_equals_feeding(piece: int | None) -> None:
+    chunks, _ = make_stream(VBNS)
+    stream = b"".join(chunks)
+    assert decode_read(stream, piece) == decode_all(stream)
+
+
+def test_a_record_built_in_place_equals_the_chunked_one() -> None:
+    """The sender's one-buffer BLOCKS record has the bytes of the chunked encoding."""
+    data = os.urandom(3 * 4096)
+    a, b = Encoder(), Encoder()
+    a.seq = b.seq = 5
+
+    def fill(view: memoryview) -> None:
+        view[:] = data
+
+    assert bytes(a.blocks_filled(40, 3, fill)) == b"".join(b.blocks(40, 3, data))
+    assert a.seq == b.seq == 6
+
+
 def refused(stream: bytes, says: str) -> None:
     with pytest.raises(StreamError, match=says):
         decode_all(stream)
+    with pytest.raises(StreamError, match=says):
+        decode_read(stream, 4000)
 
 
 def test_every_truncation_is_refused() -> None:
@@ -146,6 +184,8 @@ def test_random_flips_are_refused() -> None:
         bad[at] ^= 1 << rng.randrange(8)
         with pytest.raises(StreamError):
             decode_all(bytes(bad))
+        with pytest.raises(StreamError):
+            decode_read(bytes(bad))
 
 
 def split_records(stream: bytes) -> list[tuple[int, int, int, bytes]]:

@@ -7,6 +7,7 @@ import click
 from snapvol.cli.output import print_json
 from snapvol.cli.progress import byte_progress
 from snapvol.cli.sizes import human_size
+from snapvol.cli.transfer import refresh_mount
 from snapvol.image.replicate import replicate
 
 
@@ -20,8 +21,11 @@ def replicate_cmd(src: str, dst: str, create: bool, as_json: bool) -> None:
     both hold (a full copy when there is none), finishing an interrupted run first.
     Both keep the snapshot the next run starts from; older ones this command made are
     retired (user snapshots never are)."""
-    with byte_progress("replicating") as progress:
-        r = replicate(src, dst, create, progress)
+    try:
+        with byte_progress("replicating") as progress:
+            r = replicate(src, dst, create, progress)
+    finally:
+        refresh_mount(dst)  # a read-only mount of DST shows the new state at once
     if as_json:
         print_json({"source": src, "destination": dst, "snapshot": r.snapshot,
                     "base": r.base, "blocks": r.blocks, "bytes": r.nbytes,

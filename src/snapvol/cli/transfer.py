@@ -9,11 +9,12 @@ so a pipe or a script sees nothing but the stream and the one-line summary.
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import sys
 import time
-from collections.abc import Callable, Iterator
-from typing import IO, Any
+from collections.abc import Iterator
+from typing import Any
 
 import click
 
@@ -23,19 +24,18 @@ from snapvol.cli.session import open_volume
 from snapvol.cli.sizes import human_size
 from snapvol.engine.volume import Volume
 from snapvol.errors import SnapvolError
+from snapvol.fuse import control, registry
 from snapvol.image import (
     ReceiveResult,
     abort,
     open_for_receive,
     plan,
-    read_header,
     receive,
     resume_token,
 )
-from snapvol.image.receiver import pending_snapshot
-from snapvol.image.sender import stream_plan
-
-READ_CHUNK = 1 << 20
+from snapvol.image.pipes import widen_pipe
+from snapvol.image.receiver import Source, pending_snapshot, read_header_from
+from snapvol.image.sender import write_plan
 
 
 def receive_facts(vol: Volume) -> dict[str, Any]:
@@ -72,19 +72,9 @@ def send(image: str, snap: str, base: str | None, output: str | None, dry_run: b
                            f"{p.nblocks} blocks): snapshot {snap}, {what}")
             return
         with stream_output(output) as out, byte_progress("sending") as progress:
-            done = 0
-            for chunk in stream_plan(vol, p):
-                out.write(chunk)
-                done += len(chunk)
-                if progress is not None:
-                    progress(done, p.nbytes)
-            out.flush()
-
-
-def _chunks(f: IO[bytes]) -> Iterator[bytes]:
-    read: Callable[[int], bytes] = f.read
-    while chunk := read(READ_CHUNK):
-        yield chunk
+            if output is None:
+                widen_pipe(sys.stdout.fileno())  # a whole record per wake-up of the reader
+            write_plan(vol, p, out, progress)
 
 
 @click.command("receive")
@@ -113,12 +103,13 @@ def receive_cmd(image: str, source: str | None, create: bool, abort_: bool,
         raise click.UsageError("no stream on stdin: pipe one in or give -i FILE")
     started = time.monotonic()
     with _input(source) as f:
-        chunks: Iterator[bytes] = _chunks(f)
+        # The raw file itself: the receiver reads each record into a buffer of its own.
+        chunks: Source = f
         if create:
             if os.path.lexists(image):
                 raise SnapvolError(f"{image} already exists: receive into it without "
                                    "--create, or name a new image")
-            header, chunks = read_header(chunks)
+            header, chunks = read_header_from(f)
             Volume.create(image, header.nblocks * 4096).close()
         try:
             result = _receive_into(image, chunks)
@@ -141,13 +132,25 @@ def receive_cmd(image: str, source: str | None, create: bool, abort_: bool,
         click.echo(f"dropped snapshot {name}: the source no longer holds it")
 
 
-def _receive_into(image: str, chunks: Iterator[bytes]) -> ReceiveResult:
+def _receive_into(image: str, chunks: Source) -> ReceiveResult:
     vol = open_for_receive(image)
     try:
         with byte_progress("receiving") as progress:
             return receive(vol, chunks, progress)
     finally:
         vol.close()
+        refresh_mount(image)
+
+
+def refresh_mount(image: str) -> None:
+    """Ask a read-only mount of IMAGE to load the root a receive just committed now,
+    instead of at its next timer tick (fuse.follow). Best effort: the timer catches up
+    anyway, so a mount that does not answer changes nothing here."""
+    live = registry.find_image(image)
+    if live is None or not live.read_only:
+        return
+    with contextlib.suppress(SnapvolError, OSError):
+        control.call(live, "refresh", timeout=10)
 
 
 def _remove_if_untouched(image: str) -> None:
@@ -164,10 +167,11 @@ def _remove_if_untouched(image: str) -> None:
 
 
 @contextlib.contextmanager
-def _input(path: str | None) -> Iterator[IO[bytes]]:
+def _input(path: str | None) -> Iterator[io.FileIO]:
     """Unbuffered, so each read returns what the pipe holds instead of waiting for a
     whole chunk (a receive applies what has arrived)."""
     if path is None:
+        widen_pipe(sys.stdin.fileno())
         with open(sys.stdin.fileno(), "rb", buffering=0, closefd=False) as stdin:
             yield stdin
         return

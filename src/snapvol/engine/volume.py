@@ -205,6 +205,45 @@ class Volume:
                               "the image is damaged")
         return best
 
+    def has_newer_root(self) -> bool:
+        """Whether another process committed a root after the one this volume loaded (a
+        receive into an image open read-only here): two block reads, nothing loaded."""
+        with self.mutex:
+            return self._read_root().cp_count > self.root.cp_count
+
+    def refresh(self) -> bool:
+        """Follow commits made by another process: a read-only volume re-reads the two
+        root slots and, when a newer committed root is there, loads its planes, snapshot
+        table and active image. Returns whether the root changed.
+
+        This is how a read-only mount of a mirror follows `snapvol receive` (which takes
+        the shared lock readers take): the receiver switches the root in one write, so a
+        newer root is complete and its blocks stay put until the receive after next frees
+        them. Cheap when nothing changed (two block reads), so a timer may call it often.
+        A torn root write fails its checksum and the older slot wins: nothing changes
+        until the write lands. If loading fails (the new root's blocks were reused
+        already), the volume keeps its previous state and the error propagates.
+        Callers hold no Node across this call; `mutex` orders it against other users."""
+        with self.mutex:
+            if self.writable:
+                raise VolumeError(f"{self.path} is open for writing: it is the only writer, "
+                                  "there is nothing to refresh")
+            root = self._read_root()
+            if root.cp_count <= self.root.cp_count:
+                return False
+            saved = dict(self.__dict__)
+            old_active = self.active
+            try:
+                self.root = root
+                self._load()
+            except BaseException:
+                self.__dict__.clear()
+                self.__dict__.update(saved)
+                raise
+            if root.inode_file == saved["root"].inode_file:
+                self.active = old_active  # same tree (a receive's pin or checkpoint CP)
+            return True
+
     def _load(self, fresh: bool = False) -> None:
         from snapvol.engine.snapshots import SnapshotTable
 
@@ -390,8 +429,10 @@ class Volume:
     def maybe_cp(self) -> None:
         """A CP if the dirty data passed its limit or the timer is due. Called by the POSIX
         layer at the end of each changing operation, when no Node is held."""
-        if self.active.dirty_data_blocks * BLOCK_SIZE >= self.dirty_limit or len(
-            self.active.dirty_records) >= DIRTY_INODE_LIMIT or (
+        active = self.active
+        # Memory held is the larger of the dirty blocks and the write buffers they view.
+        held = max(active.dirty_data_blocks * BLOCK_SIZE, active.held_bytes)
+        if held >= self.dirty_limit or len(active.dirty_records) >= DIRTY_INODE_LIMIT or (
             time.monotonic() - self.last_cp_time >= self.cp_interval and self.dirty
         ):
             self.cp()

@@ -20,6 +20,7 @@ class Handle:
     snap_id: int  # 0 for the active image
     ino: int  # engine inode number
     writable: bool
+    is_dir: bool = False  # opened by opendir
 
 
 class HandleTable:
@@ -37,6 +38,16 @@ class HandleTable:
 
     def get(self, fh: int) -> Handle:
         return self._handles[fh]
+
+    def replace(self, fh: int, handle: Handle) -> None:
+        """Swap a handle's view (same image and inode), as a refresh does for a file that
+        changed under it."""
+        old = self._handles[fh]
+        assert (old.snap_id, old.ino) == (handle.snap_id, handle.ino)
+        self._handles[fh] = handle
+
+    def items(self) -> list[tuple[int, Handle]]:
+        return list(self._handles.items())
 
     def remove(self, fh: int) -> Handle:
         handle = self._handles.pop(fh)

@@ -24,9 +24,10 @@ import pyfuse3
 
 from snapvol.engine.snapshots import SnapshotError, check_snapshot_name
 from snapvol.engine.volume import Volume
-from snapvol.errors import FsError, SnapvolError
+from snapvol.errors import CorruptionError, FsError, SnapvolError
 from snapvol.fs import FileSystem
 from snapvol.fs.posix import RENAME_EXCHANGE, RENAME_NOREPLACE, Stat
+from snapvol.fuse.follow import KernelRefs, StaleView
 from snapvol.fuse.handles import Handle, HandleTable
 from snapvol.fuse.inodes import (
     SNAPDIR_INO,
@@ -59,6 +60,14 @@ def _errors(fn: Callable[P, Coroutine[Any, Any, R]]) -> Callable[P, Coroutine[An
             raise
         except FsError as e:
             raise pyfuse3.FUSEError(e.errno or errno.EIO) from None
+        except CorruptionError as e:
+            ops = args[0]
+            if isinstance(ops, SnapvolOperations) and ops.behind():
+                # A read-only mount that has not loaded a receive's root yet, whose old
+                # blocks a later receive reused: stale, not damaged (fuse.follow).
+                raise pyfuse3.FUSEError(errno.ESTALE) from None
+            log.error("%s: %s", fn.__name__, e)
+            raise pyfuse3.FUSEError(errno.EIO) from None
         except SnapvolError as e:
             log.error("%s: %s", fn.__name__, e)
             raise pyfuse3.FUSEError(errno.EIO) from None
@@ -90,8 +99,27 @@ class SnapvolOperations(pyfuse3.Operations):
         # Engine inodes of files whose last name went while they were open; each waits
         # in the hidden UNLINKED_NAME directory under its inode number until released.
         self.unlinked: set[int] = set()
+        # A read-only mount follows receives into its image (fuse.follow), so it tracks
+        # what the kernel caches in order to invalidate it; a writable one is the only
+        # writer and needs none of that.
+        self.refs: KernelRefs | None = KernelRefs() if self.readonly else None
+        # Engine inodes that changed in a refresh whose kernel invalidations are still
+        # being sent (all of them with settling_all): opening one fails with ESTALE,
+        # since the kernel may still hold its old size.
+        self.settling: frozenset[int] = frozenset()
+        self.settling_all = False
         if not self.readonly:
             self._drop_leftovers()
+
+    def behind(self) -> bool:
+        """Whether this is a read-only mount and its image has a newer root than the one it
+        shows (a receive committed one; the timer in fuse.server loads it soon)."""
+        if self.refs is None:
+            return False
+        try:
+            return self.vol.has_newer_root()
+        except SnapvolError:
+            return False
 
     # ---- inode numbers and views ---------------------------------------------------------
     def _view(self, fino: int) -> tuple[FileSystem, int, int]:
@@ -167,6 +195,18 @@ class SnapvolOperations(pyfuse3.Operations):
     @_errors
     async def lookup(self, parent_inode: int, name: bytes,
                      ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        attrs = self._lookup(parent_inode, name)
+        if self.refs is not None:
+            self.refs.add(attrs.st_ino, parent_inode, name, attrs.generation)
+        return attrs
+
+    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
+        """The kernel dropped inodes: only a read-only mount keeps count (fuse.follow)."""
+        if self.refs is not None:
+            for fino, n in inode_list:
+                self.refs.forget(fino, n)
+
+    def _lookup(self, parent_inode: int, name: bytes) -> pyfuse3.EntryAttributes:
         if parent_inode == SNAPDIR_INO:
             return self._lookup_snapdir(name)
         view, snap_id, parent = self._view(parent_inode)
@@ -196,7 +236,12 @@ class SnapvolOperations(pyfuse3.Operations):
         if inode == SNAPDIR_INO:
             return self._snapdir_entry()
         view, snap_id, ino = self._view(inode)
-        return self._entry(snap_id, view.getattr(ino))
+        try:
+            return self._entry(snap_id, view.getattr(ino))
+        except FsError as e:
+            if e.errno == errno.ENOENT and self.refs is not None:
+                raise _fail(errno.ESTALE) from None  # a receive removed it (fuse.follow)
+            raise
 
     @_errors
     async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes,
@@ -418,11 +463,25 @@ class SnapvolOperations(pyfuse3.Operations):
         if flags & os.O_TRUNC and writable:
             # libfuse asks the kernel for atomic O_TRUNC: the truncation is ours to do.
             view.setattr(ino, size=0)
+        if self.refs is not None and not snap_id and (
+                self.settling_all or ino in self.settling or view.getattr(ino).is_dir):
+            # A file a refresh changed, which the kernel may still know by its old
+            # attributes; or a name it cached before, whose inode number is now a
+            # directory (the file it named is gone).
+            raise _fail(errno.ESTALE)
         view.open(ino)
         fh = self.handles.add(Handle(view, snap_id, ino, bool(writable)))
         # Every change reaches the file through this mount, so the kernel's page cache
-        # stays right between opens.
-        return pyfuse3.FileInfo(fh=fh, keep_cache=True)
+        # stays right between opens; except on a read-only mount, where a receive may
+        # change the active image under it (fuse.follow), and opening drops the cache.
+        if snap_id or self.refs is None:
+            return pyfuse3.FileInfo(fh=fh, keep_cache=True)
+        # While handles opened before a change are open (they read ESTALE), new ones
+        # bypass the page cache, which the kernel shares between handles: the old ones
+        # must not find the new version's pages there.
+        direct = any(isinstance(o.view, StaleView) and o.snap_id == 0 and o.ino == ino
+                     for _, o in self.handles.items())
+        return pyfuse3.FileInfo(fh=fh, keep_cache=False, direct_io=direct)
 
     @_errors
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
@@ -479,7 +538,7 @@ class SnapvolOperations(pyfuse3.Operations):
         view, snap_id, ino = self._view(inode)
         if not view.getattr(ino).is_dir:
             raise _fail(errno.ENOTDIR)
-        return self.handles.add(Handle(view, snap_id, ino, False))
+        return self.handles.add(Handle(view, snap_id, ino, False, is_dir=True))
 
     @_errors
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
@@ -488,9 +547,13 @@ class SnapvolOperations(pyfuse3.Operations):
             entries = self._snapdir_entries(start_id)
         else:
             entries = self._dir_entries(h, start_id)
+        refs = self.refs
+        parent = SNAPDIR_INO if h.snap_id == -1 else to_fuse(h.snap_id, h.ino)
         for name, attrs, cookie in entries:
             if not pyfuse3.readdir_reply(token, name, attrs, cookie):
                 break
+            if refs is not None and name not in (b".", b".."):
+                refs.add(attrs.st_ino, parent, name, attrs.generation)  # readdirplus
 
     def _dir_entries(self, h: Handle, start: int) -> Iterator[
             tuple[bytes, pyfuse3.EntryAttributes, int]]:

@@ -4,7 +4,9 @@ Threads: the trio thread runs every FUSE handler and every control request, one 
 calling the engine synchronously; the engine's CP timer thread (`Volume.start_cp_timer`)
 is the only other thread, and `Volume.mutex` orders it against the trio thread. A request
 that takes long (a CP for fsync, an online fsck) holds up the other requests meanwhile:
-that is the price of an engine that is not built for concurrent callers.
+that is the price of an engine that is not built for concurrent callers. A read-only
+mount also runs `follow` (a root check every FOLLOW_INTERVAL seconds, see fuse.follow);
+its kernel notifications go from a worker thread that does not touch the engine.
 
 Stopping: SIGTERM, SIGINT, SIGHUP and an `unmount` request all commit a CP and end the
 FUSE loop; an external `fusermount3 -u` ends it too. Then the handles the kernel left
@@ -31,7 +33,7 @@ from snapvol.engine import snapshots
 from snapvol.engine.fsck import check
 from snapvol.engine.volume import Volume
 from snapvol.errors import SnapvolError
-from snapvol.fuse import registry
+from snapvol.fuse import follow, registry
 from snapvol.fuse.control import (
     MAX_MESSAGE,
     decode,
@@ -56,6 +58,8 @@ class _Mount:
         self.image, self.mountpoint, self.vol, self.ops, self.sock = (
             image, mountpoint, vol, ops, sock)
         self.stopping = False
+        self._refresh_error = ""
+        self._refreshing = trio.Lock()  # one refresh (and its notifications) at a time
 
     def stop(self, why: str) -> None:
         """Commit what is dirty, then end the FUSE loop (the unmount follows)."""
@@ -94,6 +98,49 @@ class _Mount:
             return {"pid": os.getpid()}
         raise SnapvolError(f"unknown control request {op!r}")
 
+    async def refresh(self) -> bool:
+        """Load the image's newer root, if a receive committed one, and make the kernel
+        forget what it cached of the old one (fuse.follow). Whether the root changed."""
+        ops = self.ops
+        if self.vol.writable or ops.refs is None:
+            return False  # the mount is the only writer: nothing to follow
+        async with self._refreshing:
+            return await self._refresh()
+
+    async def _refresh(self) -> bool:
+        ops = self.ops
+        assert ops.refs is not None
+        try:
+            work = follow.refresh(follow.FollowState(ops.active, ops.snaps, ops.handles,
+                                                     ops.refs))
+        except SnapvolError as e:
+            if str(e) != self._refresh_error:  # once per distinct problem, not per tick
+                log.warning("cannot load the image's new root yet: %s", e)
+                self._refresh_error = str(e)
+            return False
+        self._refresh_error = ""
+        if work is None:
+            return False
+        log.info("following %s: now at CP %d", self.image, self.vol.root.cp_count)
+        ops.settling_all = work.changed is None
+        ops.settling = frozenset(work.changed or ())
+        try:
+            # Abandoned if the mount stops meanwhile: notifications to a session that is
+            # ending may wait for requests nobody will answer.
+            await trio.to_thread.run_sync(work.apply, abandon_on_cancel=True)
+        finally:
+            ops.settling, ops.settling_all = frozenset(), False
+        return True
+
+    async def follow(self) -> None:
+        """A read-only mount checks for a new root every FOLLOW_INTERVAL seconds."""
+        while True:
+            await trio.sleep(follow.FOLLOW_INTERVAL)
+            try:
+                await self.refresh()
+            except Exception:  # a bug here must not end the mount; the next tick retries
+                log.exception("refresh failed")
+
     async def handle(self, stream: trio.SocketStream) -> None:
         data = b""
         with trio.move_on_after(REQUEST_TIMEOUT):
@@ -105,7 +152,12 @@ class _Mount:
         try:
             request = decode(data)
             args = request.get("args") or {}
-            answer = {"ok": True, "result": self.dispatch(str(request.get("op")), dict(args))}
+            if request.get("op") == "refresh":  # async: the kernel is told from a thread
+                result: Any = {"changed": await self.refresh(),
+                               "cp_count": self.vol.root.cp_count}
+            else:
+                result = self.dispatch(str(request.get("op")), dict(args))
+            answer = {"ok": True, "result": result}
         except SnapvolError as e:
             answer = {"ok": False, "error": str(e)}
         except (ValueError, KeyError, TypeError) as e:
@@ -139,6 +191,8 @@ class _Mount:
         async with trio.open_nursery() as nursery:
             await nursery.start(self.signals)
             await nursery.start(self.control)
+            if not self.vol.writable:
+                nursery.start_soon(self.follow)
             registry.register(registry.MountEntry(
                 self.image, self.mountpoint, os.getpid(), self.sock, not self.vol.writable,
                 time.time_ns()))

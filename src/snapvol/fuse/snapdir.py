@@ -41,6 +41,12 @@ class SnapshotViews:
                 return fs
         return None
 
+    def drop(self, snap_ids: set[int]) -> None:
+        """Forget the views of snapshots that went or changed (a refresh of a read-only
+        mount after a receive); a later `view` opens the current one."""
+        for snap_id in snap_ids:
+            self._views.pop(snap_id, None)
+
     def create(self, name: str) -> SnapEntry:
         return snapshots.create(self.vol, name)
 

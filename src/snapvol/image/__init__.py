@@ -8,9 +8,11 @@ The Python API other engines build on (replicate, dump, restore):
 
 - `plan(vol, snap, base=None, resume=None)` -> `SendPlan` (exact `nbytes`, `nblocks`);
 - `send(vol, snap, base=None, resume=None)` -> an iterator of stream chunks;
-- `receive(vol, chunks, progress=None)` -> `ReceiveResult`;
+- `receive(vol, chunks, progress=None)` -> `ReceiveResult` (chunks, or a raw readable
+  file or pipe, which is faster: records are read into their own buffers);
 - `abort(vol)`, `resume_token(vol)`, `pending_snapshot(vol)`, `is_updating(vol)`;
-- `read_header(chunks)` (for `--create`), `open_for_receive(path)` (readers may stay).
+- `read_header(chunks)` / `receiver.read_header_from(file)` (for `--create`),
+  `open_for_receive(path)` (readers may stay); `pipes.widen_pipe(fd)`.
 
 The modules are `sender` and `receiver` (not `send`/`receive`, which would be shadowed
 by the functions of the same name re-exported here).

@@ -27,7 +27,7 @@ import contextlib
 import os
 import time
 import uuid as uuidlib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import IO
 
@@ -35,7 +35,7 @@ from snapvol.engine import dumps
 from snapvol.engine.volume import Volume
 from snapvol.errors import SnapvolError
 from snapvol.image.receiver import ReceiveResult, open_for_receive, receive
-from snapvol.image.sender import SendPlan, plan, stream_plan
+from snapvol.image.sender import Progress, SendPlan, plan, write_plan
 from snapvol.layout.constants import BLOCK_SIZE
 from snapvol.layout.dumps import MAX_LEVEL, DumpRecord
 from snapvol.layout.snaptable import SnapEntry
@@ -48,7 +48,6 @@ from snapvol.streams.imagestream import (
 )
 
 READ_CHUNK = 1 << 20
-Progress = Callable[[int, int], None]
 
 
 class DumpError(SnapvolError):
@@ -103,13 +102,7 @@ def dump(vol: Volume, snap: str, level: int, out: IO[bytes],
     (open writable). The record is added only after the whole stream is written."""
     with vol.mutex:
         p, base = plan_dump(vol, snap, level)
-        done = 0
-        for chunk in stream_plan(vol, p):
-            out.write(chunk)
-            done += len(chunk)
-            if progress is not None:
-                progress(done, p.nbytes)
-        out.flush()
+        done = write_plan(vol, p, out, progress)
         top = p.snap
         rec = DumpRecord(level, top.guid, top.name, top.cp_count, time.time_ns(), done,
                          base.snap_guid if base is not None else bytes(16))

@@ -12,8 +12,10 @@ The order is what keeps the destination safe (DESIGN.md §3.5-3.7):
    its table) out of the way of the incoming blocks.
 3. Blocks go straight to their VBNs with one pwritev per record; nothing live refers to
    them, so a reader (`snapvol ls`, a read-only mount) sees the old state throughout.
-   Every `CHECKPOINT_BYTES` the device is flushed and the root records how far blocks
-   are durable: that is the resume token's VBN.
+   Every `CHECKPOINT_BYTES` a helper thread flushes the device and then has a CP record
+   in the root how far blocks are durable: that is the resume token's VBN. The thread
+   lets blocks keep arriving during the flush (the receive does not stall on it), and
+   the writeback it forces overlaps the transfer instead of piling up for the end.
 4. At END the device is flushed and one CP makes the received snapshot's inode file the
    active one, its table the table and the union of its planes the summary, releasing
    the pin: one root write, so a reader sees the old state or the new one, never a mix.
@@ -31,10 +33,12 @@ import fcntl
 import itertools
 import os
 import struct
+import threading
 import time
 import uuid as uuidlib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
+from typing import Protocol, runtime_checkable
 
 from snapvol.device import ImageDevice
 from snapvol.device.lock import VolumeLock
@@ -43,6 +47,7 @@ from snapvol.engine.image import Image
 from snapvol.engine.snapshots import SnapshotTable
 from snapvol.engine.volume import Volume, root_of, tree_vbns
 from snapvol.errors import LockedError, VolumeError
+from snapvol.image.sender import Progress
 from snapvol.layout.constants import BLOCK_SIZE, ROOT_INO
 from snapvol.layout.snaptable import SnapEntry
 from snapvol.planes import Plane, difference, intersection, union
@@ -71,9 +76,22 @@ RECV_UPDATING = 1
 (a shadow base, R6), so the destination is not readable until the switch."""
 
 CHECKPOINT_BYTES = 256 << 20
-"""Block bytes between flushes that advance the resume point."""
+"""Block bytes between flushes that advance the resume point: at most this much is sent
+again after an interruption. The flushes run beside the transfer (`_Checkpointer`), so a
+shorter distance costs little time; it bounds the dirty data too."""
 
-Progress = Callable[[int, int], None]
+
+@runtime_checkable
+class Readable(Protocol):
+    """A raw file or pipe (`open(fd, "rb", buffering=0)`): records are read straight
+    into buffers of their own size, with no copy in between."""
+
+    def readinto(self, buffer: memoryview, /) -> int | None: ...
+
+
+Source = Iterable[bytes | bytearray | memoryview] | Readable
+"""What `receive` reads: chunks of any size, or a readable raw file (the fast path)."""
+
 """Called with (stream bytes done, stream bytes expected) as a receive goes."""
 
 _BLOB_LEN = struct.Struct("<Q")
@@ -183,6 +201,40 @@ def open_for_receive(path: str) -> Volume:
         raise
 
 
+class _Prefixed:
+    """A readable file with bytes already read from it put back in front."""
+
+    def __init__(self, head: bytes, rest: Readable) -> None:
+        self._head = memoryview(head)
+        self._rest = rest
+
+    def readinto(self, buffer: memoryview, /) -> int | None:
+        if not self._head:
+            return self._rest.readinto(buffer)
+        n = min(len(buffer), len(self._head))
+        buffer[:n] = self._head[:n]
+        self._head = self._head[n:]
+        return n
+
+
+def read_header_from(source: Readable) -> tuple[StreamHeader, Readable]:
+    """`read_header` for a raw readable file: the header, and a readable that serves
+    the whole stream again."""
+    dec = Decoder()
+    seen = bytearray()
+
+    def keep(buffer: memoryview) -> int | None:
+        n = source.readinto(buffer)
+        if n:
+            seen.extend(buffer[:n])
+        return n
+
+    rec = dec.read_record(keep)  # the first record is the header, or this raises
+    if not isinstance(rec, HeaderRecord):
+        raise StreamError("image stream is empty")
+    return rec.header, _Prefixed(bytes(seen), source)
+
+
 def read_header(chunks: Iterable[bytes]) -> tuple[StreamHeader, Iterator[bytes]]:
     """The header of a stream and the whole stream again (for `receive --create`, which
     needs the source's size before it can make the image)."""
@@ -200,7 +252,8 @@ def read_header(chunks: Iterable[bytes]) -> tuple[StreamHeader, Iterator[bytes]]
 
 
 # ---- receiving ---------------------------------------------------------------------------------
-def _records(dec: Decoder, chunks: Iterator[bytes]) -> Iterator[Record]:
+def _records(dec: Decoder, chunks: Iterator[bytes | bytearray | memoryview]
+             ) -> Iterator[Record]:
     """Checked records, pulling chunks as needed; at the end, refuse trailing bytes and
     a stream cut short."""
     while True:
@@ -215,13 +268,61 @@ def _records(dec: Decoder, chunks: Iterator[bytes]) -> Iterator[Record]:
         dec.feed(chunk)
 
 
-def receive(vol: Volume, chunks: Iterable[bytes], progress: Progress | None = None
+def _read_records(dec: Decoder, source: Readable) -> Iterator[Record]:
+    """Checked records read from a raw file, each into a buffer of its own."""
+    while (rec := dec.read_record(source.readinto)) is not None:
+        yield rec
+
+
+class _Checkpointer:
+    """Advances the resume point in a thread of its own: a flush of the device, then a
+    CP recording the VBN below which every selected block was written before the flush.
+
+    Received blocks are pinned and referenced by nothing committed, so the CP (which
+    writes only free, unpinned metadata blocks and the root) and the writes of further
+    blocks do not touch the same blocks. One checkpoint runs at a time; while one runs,
+    the receive goes on and the next starts once it is done."""
+
+    def __init__(self, vol: Volume) -> None:
+        self._vol = vol
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def busy(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def start(self, written_to: int) -> None:
+        self.wait()
+        self._thread = threading.Thread(target=self._run, args=(written_to,),
+                                        name="snapvol-receive-checkpoint", daemon=True)
+        self._thread.start()
+
+    def _run(self, written_to: int) -> None:
+        try:
+            _checkpoint(self._vol, written_to)
+        except BaseException as err:  # handed to the receiving thread by wait()
+            self._error = err
+
+    def wait(self) -> None:
+        """Let the running checkpoint finish; raise what it raised."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            err, self._error = self._error, None
+            raise err
+
+
+def receive(vol: Volume, chunks: Source, progress: Progress | None = None
             ) -> ReceiveResult:
-    """Apply an image stream to `vol` (open writable, e.g. by `open_for_receive`)."""
+    """Apply an image stream to `vol` (open writable, e.g. by `open_for_receive`).
+    `chunks` is the stream as chunks of any size, or a raw readable file (faster: each
+    record is read into its own buffer and nothing is copied on the way to the device)."""
     if not vol.writable or vol.alloc is None:
         raise VolumeError(f"{vol.path} is open read-only; a receive writes to it")
     dec = Decoder()
-    records = _records(dec, iter(chunks))
+    records = (_read_records(dec, chunks) if isinstance(chunks, Readable)
+               else _records(dec, iter(chunks)))
     first: Record | None = None
     for rec in records:
         if isinstance(rec, (BlocksRecord, EndRecord)):
@@ -242,6 +343,7 @@ def receive(vol: Volume, chunks: Iterable[bytes], progress: Progress | None = No
     total = dec.offset + count_from(selection, header.resume_from) * (BLOCK_SIZE + 1)
     written_to, pending, nblocks = done_before, 0, 0
     write = vol.dev.writev
+    checkpoints = _Checkpointer(vol)
     try:
         rec = first
         while not isinstance(rec, EndRecord):
@@ -252,15 +354,18 @@ def receive(vol: Volume, chunks: Iterable[bytes], progress: Progress | None = No
                 nblocks += rec.count
                 pending += rec.count * BLOCK_SIZE
             written_to = max(written_to, end)
-            if pending >= CHECKPOINT_BYTES:
-                _checkpoint(vol, written_to)
+            if pending >= CHECKPOINT_BYTES and not checkpoints.busy():
+                checkpoints.start(written_to)
                 pending = 0
             if progress is not None:
                 progress(dec.offset, total)
             rec = next(records)
         for _ in records:  # only the end of input (or trailing bytes, refused) is left
             pass
+        checkpoints.wait()
     except BaseException as err:
+        with contextlib.suppress(BaseException):
+            checkpoints.wait()
         with contextlib.suppress(Exception):
             _checkpoint(vol, written_to)
         if isinstance(err, (StreamError, StopIteration)):

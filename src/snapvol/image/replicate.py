@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -36,12 +35,11 @@ from snapvol.image.receiver import (
     receive,
     resume_token,
 )
-from snapvol.image.sender import plan, stream_plan
+from snapvol.image.sender import Progress, plan, stream_plan
 from snapvol.layout.constants import BLOCK_SIZE, ROOT_INO
 from snapvol.layout.snaptable import SnapEntry
 from snapvol.streams.imagestream import decode_token
 
-Progress = Callable[[int, int], None]
 PREFIX = "replica-"
 
 
@@ -148,7 +146,9 @@ def replicate(src_path: str, dst_path: str, create: bool = False,
                 _remove_if_untouched(dst_path)
             raise
         out.retired += _retire(src, _guid_of(src, out.snapshot))
-    with Volume.open(dst_path) as dst:
+    # As a receive does: readers (a read-only mount of the mirror) may go on reading, since
+    # deleting a snapshot is one more CP that writes free blocks and switches the root.
+    with open_for_receive(dst_path) as dst:
         out.retired += [f"{name} (on {dst_path})"
                         for name in _retire(dst, _guid_of(dst, out.snapshot))]
     out.seconds = time.monotonic() - t0

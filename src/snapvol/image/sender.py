@@ -14,8 +14,9 @@ Only the blocks selected are read, with one positioned read per BLOCKS record (u
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
+from typing import IO
 
 import numpy as np
 import numpy.typing as npt
@@ -47,6 +48,9 @@ from snapvol.streams.imagestream import (
     record_size,
     table_payload,
 )
+
+Progress = Callable[[int, int], None]
+"""Told (bytes done, bytes in all) as a transfer goes."""
 
 ZERO_GUID = bytes(16)
 
@@ -181,21 +185,42 @@ def plan(vol: Volume, snap: str, base: str | None = None,
 
 
 def send(vol: Volume, snap: str, base: str | None = None,
-         resume: str | None = None) -> Iterator[bytes]:
+         resume: str | None = None) -> Iterator[bytes | bytearray]:
     """The image stream of `snap` (incremental from `base`, or the rest of an interrupted
     transfer given its resume token), as chunks to write out in order."""
     p = plan(vol, snap, base, resume)
     return stream_plan(vol, p)
 
 
-def stream_plan(vol: Volume, p: SendPlan) -> Iterator[bytes]:
+def stream_plan(vol: Volume, p: SendPlan) -> Iterator[bytes | bytearray]:
     """The chunks of a planned stream. The snapshots read from are immutable while the
-    caller holds the volume, so the blocks cannot change under the stream (R1)."""
+    caller holds the volume, so the blocks cannot change under the stream (R1).
+
+    Each BLOCKS record is one new buffer: the device reads the run straight into it
+    between its frame and its checksum, so a consumer writes one chunk per record and
+    nothing copies the data in user space (each chunk stays valid after the next one)."""
     enc = Encoder()
     yield from enc.header(p.header)
     yield from enc.table(list(p.items))
     yield from enc.plane(p.plane)
-    read = vol.dev.read
+    dev = vol.dev
     for vbn, count in zip(p.starts.tolist(), p.counts.tolist(), strict=True):
-        yield from enc.blocks(vbn, count, read(vbn, count))
+
+        def fill(view: memoryview, vbn: int = vbn) -> None:
+            dev.readv(vbn, [view])
+
+        yield enc.blocks_filled(vbn, count, fill)
     yield from enc.end(p.nblocks)
+
+
+def write_plan(vol: Volume, p: SendPlan, out: IO[bytes],
+               progress: Progress | None = None) -> int:
+    """Write a planned stream to `out`, telling `progress`; the bytes written."""
+    done = 0
+    for chunk in stream_plan(vol, p):
+        out.write(chunk)
+        done += len(chunk)
+        if progress is not None:
+            progress(done, p.nbytes)
+    out.flush()
+    return done

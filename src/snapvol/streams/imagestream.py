@@ -20,7 +20,7 @@ The byte layout of every record is in docs/FORMAT.md ("Image streams").
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -178,7 +178,7 @@ class PlaneRecord:
 class BlocksRecord:
     vbn: int
     count: int
-    data: bytes
+    data: bytes | memoryview  # count blocks; a view of the record's own buffer (no copy)
 
 
 @dataclass(frozen=True, slots=True)
@@ -247,6 +247,22 @@ class Encoder:
 
     def blocks(self, vbn: int, count: int, data: bytes) -> list[bytes]:
         return self._record(REC_BLOCKS, _BLOCKS.pack(vbn, count), data)
+
+    def blocks_filled(self, vbn: int, count: int,
+                      fill: Callable[[memoryview], None]) -> bytearray:
+        """One whole BLOCKS record in one new buffer, its data put in place by `fill`
+        (a positioned read straight into it): the sender's bulk path, with no copy of the
+        data between the device and the output and one write per record."""
+        n = blocks_record_payload(count)
+        buf = bytearray(FRAME.size + n + TRAILER.size)
+        FRAME.pack_into(buf, 0, REC_BLOCKS, FLAG_REQUIRED, 0, n)
+        _BLOCKS.pack_into(buf, FRAME.size, vbn, count)
+        end = FRAME.size + n
+        with memoryview(buf) as mv:
+            fill(mv[FRAME.size + _BLOCKS.size : end])
+            TRAILER.pack_into(buf, end, xxhash.xxh3_64_intdigest(mv[:end], seed=self.seq))
+        self.seq += 1
+        return buf
 
     def end(self, blocks: int) -> list[bytes]:
         return self._record(REC_END, _END.pack(blocks, self.seq))
@@ -386,38 +402,86 @@ class Decoder:
                 if avail and self._state == self._DONE:
                     raise StreamError("image stream has bytes after its END record")
                 return None
-            rtype, flags, reserved, length = FRAME.unpack_from(buf, pos)
-            if self._state == self._DONE:
-                raise StreamError("image stream has bytes after its END record")
-            if self.seq == 0 and (rtype, flags, length) != (REC_HEADER, FLAG_REQUIRED,
-                                                            _HEADER.size):
-                raise StreamError("not a snapvol image stream (it does not start with a "
-                                  "stream header)")
-            if length > MAX_PAYLOAD:
-                raise StreamError(f"record {self.seq} claims {length} bytes, past the limit "
-                                  f"of {MAX_PAYLOAD} (damaged stream)")
+            length = self._frame(buf, pos)
             if avail < FRAME.size + length + TRAILER.size:
                 return None
             end = pos + FRAME.size + length
-            (csum,) = TRAILER.unpack_from(buf, end)
             with memoryview(buf) as mv:
-                if xxhash.xxh3_64_intdigest(mv[pos:end], seed=self.seq) != csum:
-                    raise StreamError(f"record {self.seq} at byte {self.offset} fails its "
-                                      "checksum (damaged, reordered or spliced stream)")
-                payload = bytes(mv[pos + FRAME.size : end])
-            if reserved:
-                raise StreamError(f"record {self.seq}: reserved frame bytes are not zero")
+                self._check_sum(mv[pos:end], TRAILER.unpack_from(buf, end)[0])
+                # One copy out of the shared buffer (which the next feed may move);
+                # the record's parts are views of it.
+                record = bytes(mv[pos : end + TRAILER.size])
             self._pos = end + TRAILER.size
-            self.offset += FRAME.size + length + TRAILER.size
-            self.seq += 1
-            if rtype not in REC_NAMES:
-                if flags & FLAG_REQUIRED:
-                    raise StreamError(f"record {self.seq - 1} has unknown required type "
-                                      f"{rtype}: a newer snapvol wrote this stream")
-                continue
-            return self._accept(rtype, payload)
+            rec = self._take(memoryview(record))
+            if rec is not None:
+                return rec
 
-    def _accept(self, rtype: int, payload: bytes) -> Record:
+    def read_record(self, readinto: Callable[[memoryview], int | None]) -> Record | None:
+        """The next record read straight from a file by `readinto` (a raw file's or a
+        pipe's), or None at the end of the input after END. Each record is read into a
+        buffer of its own size with no copy in between; the checks are those of `feed`
+        (a truncated stream raises as `finish` does). Do not mix with `feed`."""
+        if self._failed is not None:
+            raise self._failed
+        try:
+            while True:
+                frame = bytearray(FRAME.size)
+                got = _read_full(readinto, memoryview(frame))
+                if got < FRAME.size:
+                    if got and self._state == self._DONE:
+                        raise StreamError("image stream has bytes after its END record")
+                    self.finish()
+                    return None
+                length = self._frame(frame, 0)
+                record = bytearray(FRAME.size + length + TRAILER.size)
+                record[: FRAME.size] = frame
+                mv = memoryview(record)
+                if _read_full(readinto, mv[FRAME.size :]) < len(record) - FRAME.size:
+                    self.finish()
+                end = FRAME.size + length
+                self._check_sum(mv[:end], TRAILER.unpack_from(record, end)[0])
+                rec = self._take(mv)
+                if rec is not None:
+                    return rec
+        except StreamError as err:
+            self._failed = err
+            raise
+
+    def _frame(self, buf: bytes | bytearray, pos: int) -> int:
+        """Check a record's frame before its payload is waited for: the payload length."""
+        rtype, flags, _, length = FRAME.unpack_from(buf, pos)
+        if self._state == self._DONE:
+            raise StreamError("image stream has bytes after its END record")
+        if self.seq == 0 and (rtype, flags, length) != (REC_HEADER, FLAG_REQUIRED,
+                                                        _HEADER.size):
+            raise StreamError("not a snapvol image stream (it does not start with a "
+                              "stream header)")
+        if length > MAX_PAYLOAD:
+            raise StreamError(f"record {self.seq} claims {length} bytes, past the limit "
+                              f"of {MAX_PAYLOAD} (damaged stream)")
+        return int(length)
+
+    def _check_sum(self, body: memoryview, csum: int) -> None:
+        if xxhash.xxh3_64_intdigest(body, seed=self.seq) != csum:
+            raise StreamError(f"record {self.seq} at byte {self.offset} fails its "
+                              "checksum (damaged, reordered or spliced stream)")
+
+    def _take(self, record: memoryview) -> Record | None:
+        """A whole, checksummed record (frame, payload, trailer): accept it, or None
+        for an unknown optional type (skipped)."""
+        rtype, flags, reserved, length = FRAME.unpack_from(record)
+        if reserved:
+            raise StreamError(f"record {self.seq}: reserved frame bytes are not zero")
+        self.offset += len(record)
+        self.seq += 1
+        if rtype not in REC_NAMES:
+            if flags & FLAG_REQUIRED:
+                raise StreamError(f"record {self.seq - 1} has unknown required type "
+                                  f"{rtype}: a newer snapvol wrote this stream")
+            return None
+        return self._accept(rtype, record[FRAME.size : FRAME.size + length])
+
+    def _accept(self, rtype: int, payload: memoryview) -> Record:
         name = REC_NAMES[rtype]
         expected = {self._HEADER: (REC_HEADER,), self._TABLE: (REC_TABLE,),
                     self._PLANE: (REC_PLANE, REC_BLOCKS, REC_END),
@@ -457,7 +521,7 @@ class Decoder:
         self._state = self._DONE
         return EndRecord(blocks, records)
 
-    def _plane_record(self, payload: bytes, plane: Plane) -> PlaneRecord:
+    def _plane_record(self, payload: memoryview, plane: Plane) -> PlaneRecord:
         if len(payload) < _COUNT.size:
             raise StreamError("PLANE record is too short")
         (count,) = _COUNT.unpack_from(payload)
@@ -468,7 +532,7 @@ class Decoder:
         if int(idx[0]) <= self._last_index or (count > 1 and bool((np.diff(idx) <= 0).any())) \
                 or int(idx[-1]) >= plane.plane_blocks:
             raise StreamError("PLANE record: plane blocks out of order or outside the volume")
-        data = payload[at:]
+        data = bytes(payload[at:])
         words = np.frombuffer(data, dtype="<u8").reshape(count, -1)
         if not words.any(axis=1).all():
             raise StreamError("PLANE record holds an empty plane block")
@@ -481,7 +545,7 @@ class Decoder:
         self._last_index = int(idx[-1])
         return PlaneRecord(tuple(int(i) for i in idx), data)
 
-    def _blocks_record(self, payload: bytes, header: StreamHeader,
+    def _blocks_record(self, payload: memoryview, header: StreamHeader,
                        plane: Plane) -> BlocksRecord:
         if len(payload) < _BLOCKS.size:
             raise StreamError("BLOCKS record is too short")
@@ -491,7 +555,7 @@ class Decoder:
         if vbn < self._next_vbn or vbn + count > header.nblocks:
             raise StreamError(f"BLOCKS record at VBN {vbn} is out of order or outside the "
                               "volume")
-        if not plane.test_many(np.arange(vbn, vbn + count, dtype=np.uint64)).all():
+        if not _all_set(plane, vbn, count):
             raise StreamError(f"BLOCKS record at VBN {vbn} carries blocks the selection "
                               "plane does not hold")
         self._next_vbn = vbn + count
@@ -508,6 +572,29 @@ class Decoder:
                 "BLOCKS or END")
             raise StreamError(f"image stream is truncated after {self.offset} bytes "
                               f"(expected {what} next)")
+
+
+def _all_set(plane: Plane, vbn: int, count: int) -> bool:
+    """Whether every bit of `vbn .. vbn+count-1` is set in `plane` (a few words, no
+    array of VBNs: this runs once per BLOCKS record)."""
+    first, last = vbn >> 6, (vbn + count - 1) >> 6
+    bits = int.from_bytes(plane.words[first : last + 1].tobytes(), "little") >> (vbn & 63)
+    mask = (1 << count) - 1
+    return bits & mask == mask
+
+
+def _read_full(readinto: Callable[[memoryview], int | None], view: memoryview) -> int:
+    """Fill `view` from `readinto` (which may return less, as pipes do); the bytes read,
+    fewer only at the end of the input."""
+    done, want = 0, len(view)
+    while done < want:
+        n = readinto(view[done:])
+        if n is None:
+            raise StreamError("the stream's input is non-blocking and had no data")
+        if n == 0:
+            break
+        done += n
+    return done
 
 
 _TOKEN = struct.Struct("<B16s16sQ")
