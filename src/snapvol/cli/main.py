@@ -32,7 +32,7 @@ from snapvol.engine.volume import Volume
 from snapvol.errors import SnapvolError
 from snapvol.fuse.control import fsck_result, volume_facts
 from snapvol.layout.constants import BLOCK_SIZE
-from snapvol.runtime import tune_gc
+from snapvol.runtime import tune_gc, tune_malloc
 
 EXIT_PROBLEMS = 1
 EXIT_ERROR = 2
@@ -146,6 +146,7 @@ def _fail(message: str) -> None:
 def main(argv: list[str] | None = None) -> None:
     """Run the command line; exit 0, 1 (fsck found problems) or 2 (an error)."""
     tune_gc()
+    tune_malloc()
     try:
         code = cli.main(args=argv, prog_name="snapvol", standalone_mode=False)
     except click.exceptions.Abort:

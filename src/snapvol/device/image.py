@@ -103,12 +103,17 @@ class ImageDevice(Device):
 
     def writev(self, vbn: int, bufs: Sequence[Buffer]) -> None:
         self._check_writable()
-        if set(map(type, bufs)) == {bytes}:
-            # The engine's case: whole-block bytes objects. Checked and passed to pwritev
-            # as they are, without a view per 4 KiB buffer.
+        kinds = set(map(type, bufs))
+        if kinds == {bytes} or (kinds <= {bytes, memoryview} and all(
+                b.format == "B" and b.ndim == 1 and b.contiguous
+                for b in bufs if isinstance(b, memoryview))):
+            # The engine's case: whole-block bytes objects, or flat byte views of a large
+            # write's buffer. Checked and passed to pwritev as they are, without making
+            # a view per 4 KiB buffer (len() is their size in bytes).
             total = sum(map(len, bufs))
             self.check_run(vbn, blocks_in(total))
-            if self._pwritev_all(cast(list[bytes], list(bufs)), vbn * BLOCK_SIZE, total):
+            flat = cast(list[bytes | memoryview], list(bufs))
+            if self._pwritev_all(flat, vbn * BLOCK_SIZE, total):
                 return
         views = [byte_view(buf) for buf in bufs]
         self.check_run(vbn, sum(blocks_in(view.nbytes) for view in views))
@@ -122,7 +127,7 @@ class ImageDevice(Device):
             offset += done
             views = _advance(views, done)
 
-    def _pwritev_all(self, bufs: list[bytes], offset: int, total: int) -> bool:
+    def _pwritev_all(self, bufs: list[bytes | memoryview], offset: int, total: int) -> bool:
         """Write bytes buffers in IOV_MAX batches; False after a short write, with nothing
         lost: the caller rewrites the whole run the careful way (writes are idempotent)."""
         fd = self.fd
@@ -135,8 +140,10 @@ class ImageDevice(Device):
         return True
 
     def flush(self) -> None:
+        # fdatasync: the data and what reading it back needs (allocation, size), without
+        # a journal commit for the mtime alone (the root record's flush is only that).
         if self.writable:
-            os.fsync(self.fd)
+            os.fdatasync(self.fd)
 
     def close(self) -> None:
         if self._fd >= 0:

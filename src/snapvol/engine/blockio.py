@@ -7,6 +7,7 @@ a mismatch raises CorruptionError naming the block. Blocks are immutable while r
 
 from __future__ import annotations
 
+import functools
 from collections import OrderedDict
 from typing import cast
 
@@ -28,6 +29,12 @@ def _verify(data: bytes | memoryview, vbn: int, csum: int) -> None:
             f"block {vbn}: checksum mismatch (expected {csum:016x}); the volume is "
             "damaged there: run 'snapvol fsck'"
         )
+
+
+@functools.lru_cache(maxsize=64)
+def _block_slices(n: int) -> tuple[slice, ...]:
+    """The slices of the n blocks of an n-block buffer (cached: runs repeat lengths)."""
+    return tuple(slice(i * BLOCK_SIZE, (i + 1) * BLOCK_SIZE) for i in range(n))
 
 
 class BlockIO:
@@ -80,6 +87,26 @@ class BlockIO:
             out.append(data)
         return out
 
+    def read_span(self, vbn: int, csums: list[int]) -> bytes:
+        """The bytes of len(csums) contiguous blocks from `vbn`, read in one call and each
+        verified, as one buffer: a sequential reader gets its request without a bytes
+        object per block or a join (a 128 KiB read was a third slower that way). Short
+        runs go through the cache like `read_run`; long ones bypass it."""
+        n = len(csums)
+        if n <= STREAM_RUN:
+            blocks = self.read_run(vbn, csums)
+            return blocks[0] if n == 1 else b"".join(blocks)
+        if not vbn > 0 or vbn + n > self.dev.nblocks:
+            raise CorruptionError(f"block run {vbn}+{n} is outside the volume")
+        raw = self.dev.read(vbn, n)
+        self.reads += n
+        mv = memoryview(raw)
+        # One checksum per block, iterated in C (map over cached slice objects).
+        if list(map(_xxh3, map(mv.__getitem__, _block_slices(n)), range(vbn, vbn + n))) != csums:
+            for i, c in enumerate(csums):
+                _verify(mv[i * BLOCK_SIZE : (i + 1) * BLOCK_SIZE], vbn + i, c)
+        return raw
+
     def _remember(self, key: tuple[int, int], data: bytes) -> None:
         self._cache[key] = data
         if len(self._cache) > self._cache_max:
@@ -97,16 +124,31 @@ class WriteBatch:
     """Blocks a CP will write, gathered so they go out as sorted, coalesced runs."""
 
     def __init__(self) -> None:
-        self.blocks: dict[int, bytes] = {}
+        self.blocks: dict[int, bytes | memoryview] = {}
+        # Files' data blocks, kept as prepare placed them (VBNs in file order, mostly
+        # contiguous runs) so a GiB of data needs no dict entry or sort per block.
+        self.runs: list[tuple[np.ndarray, list[bytes | memoryview]]] = []
 
     def add(self, vbn: int, data: bytes) -> None:
         self.blocks[vbn] = data
 
+    def add_run(self, vbns: np.ndarray, datas: list[bytes | memoryview]) -> None:
+        """Blocks `datas` to VBNs `vbns` (newly allocated, so never in the batch already)."""
+        self.runs.append((vbns, datas))
+
     def __len__(self) -> int:
-        return len(self.blocks)
+        return len(self.blocks) + sum(len(d) for _, d in self.runs)
 
     def write_to(self, dev: Device) -> None:
-        """Write every block, in VBN order, one vectored call per contiguous run."""
+        """Write every block, one vectored call per contiguous run (VBN order within the
+        single blocks; the data runs as they are, since order before the flush is free)."""
+        for vbns, datas in self.runs:
+            breaks = (np.flatnonzero(np.diff(vbns.astype(np.int64)) != 1) + 1).tolist()
+            starts = vbns[[0, *breaks]].tolist()
+            for lo, hi, v0 in zip([0, *breaks], [*breaks, len(datas)], starts, strict=True):
+                for at in range(lo, hi, MAX_IOV):
+                    dev.writev(v0 + at - lo, datas[at : min(hi, at + MAX_IOV)])
+        self.runs.clear()
         if not self.blocks:
             return
         vbns = np.array(sorted(self.blocks), dtype=np.int64)

@@ -41,6 +41,7 @@ INODE_FLAG_XATTR = 1  # the inode holds another inode's xattrs, not user data
 INODE_FLAG_SYSTEM = 2  # a fixed metadata inode (the inode map)
 NODE_CACHE_SIZE = 65536  # loaded inodes kept after a CP
 IBLOCK_CACHE_SIZE = 8192  # inode-file blocks (131,072 inodes) found without a pointer walk
+VIEW_MIN_BLOCKS = 16  # writes of this many whole blocks keep views of the caller's bytes
 
 
 class Node:
@@ -146,6 +147,9 @@ class Image:
         self.dirty_records: set[int] = set()
         self.dirty_trees: set[int] = set()
         self.dirty_data_blocks = 0
+        # Bytes of write buffers that dirty blocks are views of (see `write`): memory a
+        # CP releases, counted whole even once some of their blocks were overwritten.
+        self.held_bytes = 0
         self._inomap: np.ndarray | None = None
         self._inomap_dirty: set[int] = set()
         self._ino_hint = FIRST_USER_INO
@@ -331,7 +335,7 @@ class Image:
             else:
                 block = node.tree.read_block(first)
             return block[lo : lo + end - offset]
-        data = b"".join(node.tree.read_blocks(first, last - first + 1))
+        data = node.tree.read_range(first, last - first + 1)
         return data[lo : lo + end - offset]
 
     def write(self, node: Node, offset: int, data: bytes | memoryview) -> int:
@@ -349,7 +353,7 @@ class Image:
         dirty = tree.dirty_data
         new = last - first + 1
         if dirty:
-            new -= sum(1 for f in range(first, last + 1) if f in dirty)
+            new -= sum(map(dirty.__contains__, range(first, last + 1)))
         if new and self.admit is not None:
             self.admit(new, False)  # may commit a CP first; nothing is placed yet
         tree.ensure_capacity(last)
@@ -363,10 +367,26 @@ class Image:
             old = tree.read_block(fbn) if fbn * BLOCK_SIZE < size else ZERO_BLOCK
             dirty[fbn] = old[:within] + bytes(mv[:take]) + old[within + take :]
             pos, fbn = take, fbn + 1
-        while n - pos >= BLOCK_SIZE:
-            dirty[fbn] = bytes(mv[pos : pos + BLOCK_SIZE])
-            pos += BLOCK_SIZE
-            fbn += 1
+        whole = (n - pos) // BLOCK_SIZE
+        if whole:
+            # One bytes object per block (the dirty blocks' type), made in a C-level loop:
+            # a 1 MiB write is 256 of them.
+            cuts = map(slice, range(pos, pos + whole * BLOCK_SIZE, BLOCK_SIZE),
+                       range(pos + BLOCK_SIZE, pos + (whole + 1) * BLOCK_SIZE, BLOCK_SIZE))
+            blocks: Iterator[bytes | memoryview]
+            if type(data) is bytes and whole >= VIEW_MIN_BLOCKS:
+                # A large write of immutable bytes (a FUSE request is one): its blocks
+                # stay views of it, with no copy; the buffer lives until the CP, and
+                # `held_bytes` counts it whole, so memory stays within the dirty limit.
+                blocks = map(mv.__getitem__, cuts)
+                self.held_bytes += n
+            elif isinstance(data, bytes):
+                blocks = map(data.__getitem__, cuts)
+            else:
+                blocks = map(bytes, map(mv.__getitem__, cuts))
+            dirty.update(zip(range(fbn, fbn + whole), blocks, strict=True))
+            pos += whole * BLOCK_SIZE
+            fbn += whole
         if pos < n:
             tail = n - pos
             old = tree.read_block(fbn) if fbn * BLOCK_SIZE < size else ZERO_BLOCK
@@ -480,6 +500,7 @@ class Image:
             self.dirty_records.add(ino)
         self.dirty_trees.clear()
         self.dirty_data_blocks = 0
+        self.held_bytes = 0
         by_block: dict[int, list[Inode]] = {}
         for ino in self.dirty_records:
             n = self.nodes.get(ino)

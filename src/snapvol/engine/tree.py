@@ -13,6 +13,7 @@ The two are split because the active-plane file must reach a fixed point between
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterable
 from typing import Protocol
 
@@ -20,17 +21,23 @@ import numpy as np
 
 from snapvol.engine.blockio import BlockIO, WriteBatch
 from snapvol.errors import FsError
-from snapvol.layout.checksum import block_checksum
+from snapvol.layout.checksum import block_checksum, xxh3_64
 from snapvol.layout.constants import BLOCK_SIZE, MAX_HEIGHT, PTR_SHIFT, PTRS_PER_BLOCK
 from snapvol.layout.pointer import PTR_DTYPE, decode_node, empty_node
 
 ZERO_BLOCK = bytes(BLOCK_SIZE)
 SMALL_READ = 4  # reads of this many blocks or fewer go block by block
 PREFETCH_MIN_READ = 32  # reads this long (128 KiB, the kernel's read-ahead) load ...
-PREFETCH_NODES = 32  # ... this many level-1 blocks at once (pointers for 32 MiB of data)
+PREFETCH_NODES = 256  # ... up to this many level-1 blocks at once (256 MiB of data): each
+# load is a seek away from the data (a CP places them after its data run), ~4 ms on a
+# busy disk, and it breaks the kernel's read-ahead of the data stream
+BATCH_RUN_MIN = 64  # a tree's data blocks go to the CP batch as one run from this many
 _MASK = PTRS_PER_BLOCK - 1
 
 NodeKey = tuple[int, int]
+DirtyBlock = bytes | memoryview
+"""A dirty data block: its own bytes, or a read-only view of a whole-block slice of a
+large write's (immutable) bytes, which saves a copy per block (`Image.write`)."""
 
 
 class BlockSpace(Protocol):
@@ -50,8 +57,10 @@ class BlockTree:
         self.height = height
         self.nodes: dict[NodeKey, np.ndarray] = {}
         self.dirty_nodes: set[NodeKey] = set()
-        self.dirty_data: dict[int, bytes] = {}
+        self.dirty_data: dict[int, DirtyBlock] = {}
         self.fresh: dict[NodeKey, int] = {}
+        # The data blocks of `fresh`, as prepare placed them: (fbns, vbns) array pairs.
+        self._fresh_data: list[tuple[np.ndarray, np.ndarray]] = []
         self.delta_blocks = 0  # change in blocks held, since the owner last looked
 
     # ---- geometry -------------------------------------------------------------------
@@ -94,7 +103,7 @@ class BlockTree:
     def read_block(self, fbn: int) -> bytes:
         d = self.dirty_data.get(fbn)
         if d is not None:
-            return d
+            return d if type(d) is bytes else bytes(d)
         vbn, csum = self.data_ptr(fbn)
         return ZERO_BLOCK if vbn == 0 else self.io.read(vbn, csum)
 
@@ -158,7 +167,7 @@ class BlockTree:
             for i in range(count):
                 d = dirty.get(first + i)
                 if d is not None:
-                    out[i] = d
+                    out[i] = d if type(d) is bytes else bytes(d)
                     vbns[i] = 0
         present = np.flatnonzero(vbns)
         if len(present) == 0:
@@ -175,6 +184,45 @@ class BlockTree:
             blocks = self.io.read_run(vlist[a], clist[a:b])
             out[idxs[a] : idxs[a] + (b - a)] = blocks
         return out
+
+    def read_range(self, first: int, count: int) -> bytes:
+        """Blocks [first, first+count) as one bytes object. A range that is one on-disk
+        run (a sequentially written file, read in order) is the buffer the device read,
+        verified block by block in place; anything else is assembled in one buffer."""
+        if count <= SMALL_READ:
+            if count == 1:
+                return self.read_block(first)
+            return b"".join([self.read_block(f) for f in range(first, first + count)])
+        vbns, csums = self.ptr_range(first, count)
+        dirty = self.dirty_data
+        overlay: list[tuple[int, DirtyBlock]] = []
+        if dirty:
+            for i in range(count):
+                d = dirty.get(first + i)
+                if d is not None:
+                    overlay.append((i, d))
+                    vbns[i] = 0
+        if not overlay:
+            v0 = int(vbns[0])
+            if v0 and int(vbns[-1]) - v0 == count - 1 and bool(
+                    (np.diff(vbns.view(np.int64)) == 1).all()):
+                return self.io.read_span(v0, csums.tolist())
+        out = bytearray(count * BLOCK_SIZE)  # holes stay zero
+        present = np.flatnonzero(vbns)
+        if len(present):
+            pv = vbns[present].astype(np.int64)
+            breaks = np.flatnonzero((np.diff(present) != 1) | (np.diff(pv) != 1)) + 1
+            starts = np.concatenate(([0], breaks)).tolist()
+            stops = [*breaks.tolist(), len(present)]
+            idxs = present.tolist()
+            vlist = pv.tolist()
+            clist = csums[present].tolist()
+            for a, b in zip(starts, stops, strict=True):
+                at = idxs[a] * BLOCK_SIZE
+                out[at : at + (b - a) * BLOCK_SIZE] = self.io.read_span(vlist[a], clist[a:b])
+        for i, d in overlay:
+            out[i * BLOCK_SIZE : (i + 1) * BLOCK_SIZE] = d
+        return bytes(out)
 
     # ---- changing -----------------------------------------------------------------
     def _grow_to(self, fbn: int) -> None:
@@ -294,7 +342,12 @@ class BlockTree:
         assert space is not None, "prepare on a read-only tree"
         freed: list[np.ndarray] = []
         want = self.dirty_data.keys() if fbns is None else fbns
-        todo = np.array(sorted(f for f in want if (0, f) not in self.fresh), dtype=np.int64)
+        fresh = self.fresh
+        if fresh:
+            todo = np.array(sorted(f for f in want if (0, f) not in fresh), dtype=np.int64)
+        else:  # the usual first call: no filter, and a numpy sort (a GiB is 262,144 blocks)
+            todo = np.fromiter(want, dtype=np.int64)
+            todo.sort()
         if len(todo):
             self._grow_to(int(todo[-1]))
             new = space.alloc(len(todo))
@@ -314,8 +367,9 @@ class BlockTree:
                     if key not in self.dirty_nodes:
                         self.dirty_nodes.add(key)
                         self._dirty_ancestors(key)
-            for f, v in zip(todo.tolist(), new.tolist(), strict=True):
-                self.fresh[(0, f)] = v
+            keys = zip(itertools.repeat(0, len(todo)), todo.tolist(), strict=True)
+            fresh.update(zip(keys, new.tolist(), strict=True))
+            self._fresh_data.append((todo, new.astype(np.uint64)))
         nodes = sorted((k for k in self.dirty_nodes if k not in self.fresh), reverse=True)
         if nodes:
             new = space.alloc(len(nodes))
@@ -333,18 +387,28 @@ class BlockTree:
             self.delta_blocks -= len(allfree)
             space.free_many(allfree)
 
-    def encode(self, batch: WriteBatch, data_of: Callable[[int], bytes] | None = None) -> None:
+    def encode(self, batch: WriteBatch,
+               data_of: Callable[[int], DirtyBlock] | None = None) -> None:
         """Checksum and place every block `prepare` gave a VBN, bottom-up."""
         get = self.dirty_data.__getitem__ if data_of is None else data_of
-        data_keys = sorted(f for (lvl, f) in self.fresh if lvl == 0)
-        if data_keys:
-            fresh = self.fresh
-            vlist = [fresh[(0, f)] for f in data_keys]
-            datas = [get(f) for f in data_keys]
-            clist = [block_checksum(d, v) for d, v in zip(datas, vlist, strict=True)]
-            batch.blocks.update(zip(vlist, datas, strict=True))
-            self._place(0, np.array(data_keys, dtype=np.int64),
-                        np.array(vlist, dtype=np.uint64), np.array(clist, dtype=np.uint64))
+        if self._fresh_data:
+            # prepare's (fbns, vbns) arrays: no walk over `fresh` and no tuple per block
+            if len(self._fresh_data) == 1:
+                fbns, vbns = self._fresh_data[0]  # prepare sorted them
+            else:
+                fbns = np.concatenate([f for f, _ in self._fresh_data])
+                vbns = np.concatenate([v for _, v in self._fresh_data])
+                order = np.argsort(fbns, kind="stable")
+                fbns, vbns = fbns[order], vbns[order]
+            vlist = vbns.tolist()
+            datas = list(map(get, fbns.tolist()))
+            clist = list(map(xxh3_64, datas, vlist))  # block_checksum, iterated in C
+            if len(datas) >= BATCH_RUN_MIN:
+                batch.add_run(vbns, datas)
+            else:  # small files' blocks coalesce with their neighbours' in the batch
+                batch.blocks.update(zip(vlist, datas, strict=True))
+            self._place(0, fbns, vbns, np.array(clist, dtype=np.uint64))
+            self._fresh_data.clear()
         for level in range(1, self.height + 1):
             keys = sorted(i for (lvl, i) in self.dirty_nodes if lvl == level)
             if not keys:
@@ -361,6 +425,7 @@ class BlockTree:
         self.dirty_nodes.clear()
         self.dirty_data.clear()
         self.fresh.clear()
+        self._fresh_data.clear()
 
     def _place(self, level: int, idxs: np.ndarray, vbns: np.ndarray, csums: np.ndarray) -> None:
         if level == self.height:
