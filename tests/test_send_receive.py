@@ -511,11 +511,15 @@ def test_a_shadow_base_over_sends_and_marks_the_destination_updating() -> None:
     cut_receive(dst, data, len(data) - 50)
     with pytest.raises(VolumeError, match="cannot be aborted, only finished"):
         image.abort(dst)
+    assert dst.updating
+    for snap in (None, *[e.name for e in dst.snapshots.entries() if not e.shadow]):
+        with pytest.raises(SnapvolError, match="cannot be read until it completes"):
+            FileSystem(dst, snap)  # not readable until the transfer completes
     token = image.resume_token(dst)
     flags: list[bool] = []
     result = image.receive(dst, [stream(src, "s1", "mark", token)],
                            lambda done, total: flags.append(image.is_updating(dst)))
-    assert flags and all(flags[:-1]) and not image.is_updating(dst)
+    assert flags and all(flags[:-1]) and not image.is_updating(dst) and not dst.updating
     assert result.dropped == ("mark",)
     assert_mirrors(dst, src, "s1")
 

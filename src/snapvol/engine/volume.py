@@ -35,7 +35,13 @@ from snapvol.layout.constants import (
     SUPERBLOCK_VBN,
 )
 from snapvol.layout.pointer import PTR_DTYPE, Pointer
-from snapvol.layout.records import RecordError, RootRecord, Superblock, TreeRoot
+from snapvol.layout.records import (
+    RECEIVE_UPDATING,
+    RecordError,
+    RootRecord,
+    Superblock,
+    TreeRoot,
+)
 from snapvol.planes import Plane
 
 MIN_BLOCKS = 256
@@ -204,6 +210,12 @@ class Volume:
             raise VolumeError(f"{self.path}: no valid root record ({'; '.join(problems)}); "
                               "the image is damaged")
         return best
+
+    @property
+    def updating(self) -> bool:
+        """Whether a pending receive is overwriting this volume's current state (its base
+        is a shadow snapshot): nothing on it can be read until that receive completes."""
+        return bool(self.receive_blocks and self.receive_flags & RECEIVE_UPDATING)
 
     def has_newer_root(self) -> bool:
         """Whether another process committed a root after the one this volume loaded (a

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, ParamSpec, TypeVar
 import numpy as np
 
 from snapvol.engine.image import XATTR_NAME_MAX, XATTR_SIZE_MAX, Image, Node, check_name, dtype_of
-from snapvol.errors import FsError, fs_error
+from snapvol.errors import FsError, SnapvolError, fs_error
 from snapvol.layout.constants import BLOCK_SIZE, MAX_FILE_SIZE, ROOT_INO
 
 if TYPE_CHECKING:
@@ -84,6 +84,11 @@ class FileSystem:
     """POSIX operations on the active file system of `vol`, or on one of its snapshots."""
 
     def __init__(self, vol: Volume, snapshot: str | None = None) -> None:
+        if vol.updating:
+            raise SnapvolError(
+                f"{vol.path} is being brought up to date by a receive from a shadow snapshot "
+                "and cannot be read until it completes: finish it with `snapvol receive` "
+                f"(`snapvol info {vol.path} --json` shows the resume token)")
         self.vol = vol
         self.snapshot = snapshot
         self._image = None if snapshot is None else vol.snapshot_image(snapshot)

@@ -124,6 +124,8 @@ class SnapvolOperations(pyfuse3.Operations):
     # ---- inode numbers and views ---------------------------------------------------------
     def _view(self, fino: int) -> tuple[FileSystem, int, int]:
         """(view, snap_id, engine ino) of a kernel inode number (not .snapshot)."""
+        if self.vol.updating:  # a receive from a shadow base is rewriting the image
+            raise _fail(errno.EIO)
         snap_id, ino = from_fuse(fino)
         if snap_id == 0:
             return self.active, 0, ino
@@ -503,6 +505,8 @@ class SnapvolOperations(pyfuse3.Operations):
     @_errors
     async def read(self, fh: int, off: int, size: int) -> bytes:
         h = self.handles.get(fh)
+        if self.vol.updating:  # see _view
+            raise _fail(errno.EIO)
         return h.view.read(h.ino, off, size)
 
     @_errors

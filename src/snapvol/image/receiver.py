@@ -49,6 +49,7 @@ from snapvol.engine.volume import Volume, root_of, tree_vbns
 from snapvol.errors import LockedError, VolumeError
 from snapvol.image.sender import Progress
 from snapvol.layout.constants import BLOCK_SIZE, ROOT_INO
+from snapvol.layout.records import RECEIVE_UPDATING
 from snapvol.layout.snaptable import SnapEntry
 from snapvol.planes import Plane, difference, intersection, union
 from snapvol.streams.imagestream import (
@@ -70,10 +71,6 @@ from snapvol.streams.imagestream import (
     encode_table,
     encode_token,
 )
-
-RECV_UPDATING = 1
-"""Receive-state flag: the transfer overwrites blocks of the destination's current state
-(a shadow base, R6), so the destination is not readable until the switch."""
 
 CHECKPOINT_BYTES = 256 << 20
 """Block bytes between flushes that advance the resume point: at most this much is sent
@@ -161,7 +158,7 @@ def resume_token(vol: Volume) -> str | None:
 def is_updating(vol: Volume) -> bool:
     """Whether a pending receive overwrites the current state (a shadow base): readers
     must wait for the switch (R6)."""
-    return bool(vol.receive_blocks and vol.receive_flags & RECV_UPDATING)
+    return bool(vol.receive_blocks and vol.receive_flags & RECEIVE_UPDATING)
 
 
 def pending_snapshot(vol: Volume) -> str | None:
@@ -465,7 +462,7 @@ def _admit(vol: Volume, header: StreamHeader, items: tuple[TableItem, ...],
         vol.snap_tree.write_block(fbn, vol.snap_tree.read_block(fbn))
     _write_state(vol, header, items, selection)
     vol.receive_done = 0
-    vol.receive_flags = RECV_UPDATING if header.shadow_base else 0
+    vol.receive_flags = RECEIVE_UPDATING if header.shadow_base else 0
     vol.cp(force=True)
     if not header.shadow_base and intersection(
             union(vol.active_plane, vol.summary_plane), selection).count():
@@ -536,7 +533,7 @@ def abort(vol: Volume) -> None:
             raise VolumeError(f"{vol.path} has no partial receive to abort")
         if not vol.writable or vol.alloc is None:
             raise VolumeError(f"{vol.path} is open read-only")
-        if vol.receive_flags & RECV_UPDATING:
+        if vol.receive_flags & RECEIVE_UPDATING:
             raise VolumeError(
                 f"the partial receive on {vol.path} is incremental from a shadow snapshot, "
                 "so it has overwritten blocks of the previous state: it cannot be aborted, "

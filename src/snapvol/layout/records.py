@@ -95,6 +95,12 @@ class Superblock:
         return str(uuidlib.UUID(bytes=self.uuid))
 
 
+
+RECEIVE_UPDATING = 1
+"""RootRecord.receive_flags: the pending receive overwrites blocks of the destination's
+current state (its base is a shadow snapshot), so the destination cannot be read until
+that receive completes."""
+
 @dataclass(frozen=True, slots=True)
 class RootRecord:
     """The root of one consistency point: everything else is reachable from here."""
