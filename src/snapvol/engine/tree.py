@@ -14,7 +14,7 @@ The two are split because the active-plane file must reach a fixed point between
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Protocol
 
 import numpy as np
@@ -169,20 +169,8 @@ class BlockTree:
                 if d is not None:
                     out[i] = d if type(d) is bytes else bytes(d)
                     vbns[i] = 0
-        present = np.flatnonzero(vbns)
-        if len(present) == 0:
-            return out
-        # runs: consecutive indexes whose VBNs are consecutive too
-        pv = vbns[present].astype(np.int64)
-        breaks = np.flatnonzero((np.diff(present) != 1) | (np.diff(pv) != 1)) + 1
-        starts = np.concatenate(([0], breaks)).tolist()
-        stops = [*breaks.tolist(), len(present)]
-        idxs = present.tolist()
-        vlist = pv.tolist()
-        clist = csums[present].tolist()
-        for a, b in zip(starts, stops, strict=True):
-            blocks = self.io.read_run(vlist[a], clist[a:b])
-            out[idxs[a] : idxs[a] + (b - a)] = blocks
+        for at, vbn, run in _runs(vbns, csums):
+            out[at : at + len(run)] = self.io.read_run(vbn, run)
         return out
 
     def read_range(self, first: int, count: int) -> bytes:
@@ -208,18 +196,8 @@ class BlockTree:
                     (np.diff(vbns.view(np.int64)) == 1).all()):
                 return self.io.read_span(v0, csums.tolist())
         out = bytearray(count * BLOCK_SIZE)  # holes stay zero
-        present = np.flatnonzero(vbns)
-        if len(present):
-            pv = vbns[present].astype(np.int64)
-            breaks = np.flatnonzero((np.diff(present) != 1) | (np.diff(pv) != 1)) + 1
-            starts = np.concatenate(([0], breaks)).tolist()
-            stops = [*breaks.tolist(), len(present)]
-            idxs = present.tolist()
-            vlist = pv.tolist()
-            clist = csums[present].tolist()
-            for a, b in zip(starts, stops, strict=True):
-                at = idxs[a] * BLOCK_SIZE
-                out[at : at + (b - a) * BLOCK_SIZE] = self.io.read_span(vlist[a], clist[a:b])
+        for at, vbn, run in _runs(vbns, csums):
+            out[at * BLOCK_SIZE : (at + len(run)) * BLOCK_SIZE] = self.io.read_span(vbn, run)
         for i, d in overlay:
             out[i * BLOCK_SIZE : (i + 1) * BLOCK_SIZE] = d
         return bytes(out)
@@ -490,3 +468,20 @@ class BlockTree:
         for j in np.flatnonzero(node["vbn"] != 0).tolist():
             self._walk(level - 1, (idx << PTR_SHIFT) + j, int(node[j]["vbn"]),
                        int(node[j]["csum"]), visit)
+
+
+def _runs(vbns: np.ndarray, csums: np.ndarray) -> Iterator[tuple[int, int, list[int]]]:
+    """(first index, first VBN, checksums) of each run of mapped blocks whose indexes and
+    VBNs are both consecutive: what one device read can fetch. Holes (VBN 0) are skipped."""
+    present = np.flatnonzero(vbns)
+    if len(present) == 0:
+        return
+    pv = vbns[present].astype(np.int64)
+    breaks = np.flatnonzero((np.diff(present) != 1) | (np.diff(pv) != 1)) + 1
+    starts = np.concatenate(([0], breaks)).tolist()
+    stops = [*breaks.tolist(), len(present)]
+    idxs = present.tolist()
+    vlist = pv.tolist()
+    clist = csums[present].tolist()
+    for a, b in zip(starts, stops, strict=True):
+        yield idxs[a], vlist[a], clist[a:b]
