@@ -172,11 +172,15 @@ class Volume:
         self.active.format_directory(rootdir, ROOT_INO)
 
     @classmethod
-    def open(cls, path: str | os.PathLike[str], writable: bool = True) -> Volume:
+    def open(cls, path: str | os.PathLike[str], writable: bool = True,
+             exclusive: bool | None = None) -> Volume:
+        """Open an image; a writer takes the exclusive lock unless `exclusive` is False
+        (a receive, which writes only blocks no reader can reach, lets readers stay)."""
         path = os.fspath(path)
         dev = ImageDevice(path, writable=writable)
         try:
-            lock = VolumeLock.acquire(dev.fd, path, exclusive=writable)
+            lock = VolumeLock.acquire(dev.fd, path,
+                                      exclusive=writable if exclusive is None else exclusive)
         except BaseException:
             dev.close()
             raise

@@ -41,7 +41,6 @@ from dataclasses import dataclass, replace
 from typing import Protocol, runtime_checkable
 
 from snapvol.device import ImageDevice
-from snapvol.device.lock import VolumeLock
 from snapvol.engine import shadows, snapshots
 from snapvol.engine.image import Image
 from snapvol.engine.snapshots import SnapshotTable
@@ -177,25 +176,18 @@ def open_for_receive(path: str) -> Volume:
     with one root write, so it takes the shared lock that readers take (writers, which
     need the exclusive one, stay out) plus an exclusive lock on byte 1 that keeps a
     second receive out."""
-    dev = ImageDevice(path, writable=True)
+    vol = Volume.open(path, writable=True, exclusive=False)
+    assert isinstance(vol.dev, ImageDevice)
     try:
-        lock = VolumeLock.acquire(dev.fd, path, exclusive=False)
-    except BaseException:
-        dev.close()
+        fcntl.lockf(vol.dev.fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, 1)
+    except OSError as err:
+        vol.abandon()
+        vol.dev.close()
+        if err.errno in (errno.EACCES, errno.EAGAIN):
+            raise LockedError(f"{path} is receiving another stream; wait for it to end"
+                              ) from None
         raise
-    try:
-        try:
-            fcntl.lockf(dev.fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, 1)
-        except OSError as err:
-            if err.errno in (errno.EACCES, errno.EAGAIN):
-                raise LockedError(f"{path} is receiving another stream; wait for it to end"
-                                  ) from None
-            raise
-        return Volume(dev, path, lock, True)
-    except BaseException:
-        lock.release()
-        dev.close()
-        raise
+    return vol
 
 
 class _Prefixed:
