@@ -299,3 +299,35 @@ def evict(path: Path) -> None:
 def every(n: int, parts: int = 10) -> int:
     """A progress step: about `parts` reports over `n` items."""
     return max(1, n // parts)
+
+
+def timed_write(path: Path, total: int, chunk: int,
+                piece: Callable[[int], bytes | memoryview]) -> float:
+    """Seconds to write `total` bytes to a new file at `path` in `chunk`-byte writes (the
+    bytes at offset off are piece(off)), then fsync it: the host side of a write figure."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        t0 = time.perf_counter()
+        for off in range(0, total, chunk):
+            os.write(fd, piece(off))
+        os.fsync(fd)
+        return time.perf_counter() - t0
+    finally:
+        os.close(fd)
+
+
+def timed_read(path: Path, total: int, chunk: int) -> float:
+    """Seconds to read the file at `path` to its end in `chunk`-byte reads; it must hold
+    `total` bytes."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        t0 = time.perf_counter()
+        got = 0
+        while n := len(os.read(fd, chunk)):
+            got += n
+        elapsed = time.perf_counter() - t0
+    finally:
+        os.close(fd)
+    if got != total:
+        raise AssertionError(f"{path}: read {got} of {total} bytes")
+    return elapsed

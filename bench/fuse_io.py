@@ -29,7 +29,17 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from bench.common import Context, Figure, MiB, at_least_ratio, evict, sync_fs, with_anchor
+from bench.common import (
+    Context,
+    Figure,
+    MiB,
+    at_least_ratio,
+    evict,
+    sync_fs,
+    timed_read,
+    timed_write,
+    with_anchor,
+)
 
 NAME = "fuse_io"
 TITLE = "8 FUSE mount"
@@ -82,36 +92,6 @@ def passthrough_mount(tmp: Path) -> Iterator[Path]:
         proc.terminate()
         proc.wait(timeout=60)
         _wait_unmounted(mnt)
-
-
-def _write(path: Path, total: int, chunk: int, block: bytes) -> float:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        t0 = time.perf_counter()
-        for _ in range(0, total, chunk):
-            os.write(fd, block)
-        os.fsync(fd)
-        return time.perf_counter() - t0
-    finally:
-        os.close(fd)
-
-
-def _read(path: Path, total: int, chunk: int) -> float:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        t0 = time.perf_counter()
-        got = 0
-        while True:
-            n = len(os.read(fd, chunk))
-            if not n:
-                break
-            got += n
-        elapsed = time.perf_counter() - t0
-    finally:
-        os.close(fd)
-    if got != total:
-        raise AssertionError(f"{path}: read {got} of {total} bytes")
-    return elapsed
 
 
 def _fsync_latencies(path: Path, count: int) -> list[float]:
@@ -173,7 +153,7 @@ def _round(ctx: Context, tmp: Path, archive: Path, snapvol_first: bool) -> dict[
         mount = snapvol_mount(tmp, volume_size) if side == "snap" else passthrough_mount(tmp)
         with mount as mnt:
             ctx.say(f"{side}: write {total // MiB} MiB + fsync")
-            out[f"{side}_w"] = _write(mnt / "seq", total, chunk, block)
+            out[f"{side}_w"] = timed_write(mnt / "seq", total, chunk, lambda _off: block)
             ctx.say(f"{side}: tar -x of {archive.name}")
             out[f"{side}_tar"] = _extract(archive, mnt, durable)
             lat = _fsync_latencies(mnt / "fsync-log", count)
@@ -184,7 +164,7 @@ def _round(ctx: Context, tmp: Path, archive: Path, snapvol_first: bool) -> dict[
         mount = snapvol_mount(tmp, volume_size) if side == "snap" else passthrough_mount(tmp)
         with mount as mnt:
             ctx.say(f"{side}: read back {total // MiB} MiB")
-            out[f"{side}_r"] = _read(mnt / "seq", total, chunk)
+            out[f"{side}_r"] = timed_read(mnt / "seq", total, chunk)
         (tmp / "snapvol.img").unlink(missing_ok=True)
         subprocess.run(["rm", "-rf", str(tmp / "pt-data")], check=True)
     return out

@@ -18,7 +18,17 @@ import os
 import time
 from pathlib import Path
 
-from bench.common import Context, Figure, MiB, at_least_ratio, evict, settle, with_anchor
+from bench.common import (
+    Context,
+    Figure,
+    MiB,
+    at_least_ratio,
+    evict,
+    settle,
+    timed_read,
+    timed_write,
+    with_anchor,
+)
 from snapvol.engine.volume import Volume
 from snapvol.fs import FileSystem
 from snapvol.layout.constants import ROOT_INO
@@ -38,33 +48,6 @@ def _chunk_at(pattern: memoryview, off: int, chunk: int) -> memoryview:
     if start + chunk > len(pattern):
         start = 0
     return pattern[start : start + chunk]
-
-
-def _host_write(path: Path, total: int, chunk: int, pattern: memoryview) -> float:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        t0 = time.perf_counter()
-        for off in range(0, total, chunk):
-            os.pwrite(fd, _chunk_at(pattern, off, chunk), off)
-        os.fsync(fd)
-        return time.perf_counter() - t0
-    finally:
-        os.close(fd)
-
-
-def _host_read(path: Path, total: int, chunk: int) -> float:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        t0 = time.perf_counter()
-        got = 0
-        for off in range(0, total, chunk):
-            got += len(os.pread(fd, chunk, off))
-        elapsed = time.perf_counter() - t0
-    finally:
-        os.close(fd)
-    if got != total:
-        raise AssertionError(f"host read-back got {got} of {total} bytes")
-    return elapsed
 
 
 def _snapvol_write(ctx: Context, image: Path, total: int, chunk: int,
@@ -119,7 +102,7 @@ def _round(ctx: Context, tmp: Path, total: int, chunk: int, pattern: memoryview,
     def host_write() -> None:
         ctx.say(f"pwrite {size} + fsync (anchor)")
         settle(tmp)
-        out["host_w"] = _host_write(plain, total, chunk, pattern)
+        out["host_w"] = timed_write(plain, total, chunk, lambda off: _chunk_at(pattern, off, chunk))
 
     def snap_write() -> None:
         nonlocal ino
@@ -131,10 +114,10 @@ def _round(ctx: Context, tmp: Path, total: int, chunk: int, pattern: memoryview,
     ctx.say("read back, page cache dropped")
     evict(plain)
     evict(image)
-    out["host_rc"] = _host_read(plain, total, chunk)
+    out["host_rc"] = timed_read(plain, total, chunk)
     out["snap_rc"] = _snapvol_read(ctx, image, ino, total, chunk, pattern, "cold")
     ctx.say("read back, page cache warm")
-    out["host_rw"] = _host_read(plain, total, chunk)
+    out["host_rw"] = timed_read(plain, total, chunk)
     out["snap_rw"] = _snapvol_read(ctx, image, ino, total, chunk, pattern, "warm")
     plain.unlink()
     image.unlink()
