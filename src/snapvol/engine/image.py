@@ -327,7 +327,7 @@ class Image:
         first, last = offset // BLOCK_SIZE, (end - 1) // BLOCK_SIZE
         lo = offset - first * BLOCK_SIZE
         if first == last:
-            if node._tree is None and inode.height == 0 and first < INODE_DIRECT:
+            if not node.has_tree and inode.height == 0 and first < INODE_DIRECT:
                 # Small files, the commonest read: the pointer is in the inode, and a
                 # node without a tree has nothing unwritten.
                 vbn, csum = inode.ptr(first)
