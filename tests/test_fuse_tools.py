@@ -126,6 +126,7 @@ def test_git(places: tuple[Path, Path]) -> None:
                HOME=str(plain.parent), GIT_CONFIG_NOSYSTEM="1")
     both(plain, inside, """
         git init -q -b main repo && cd repo
+        git config pack.threads 1  # threaded delta search makes packs (and their names) vary
         for i in $(seq 1 30); do echo "line $i" >> file.txt; mkdir -p d$((i % 4)); \
             echo $i > d$((i % 4))/f$i; git add -A; git commit -q -m "commit $i"; done
         git branch feature && git checkout -q feature
