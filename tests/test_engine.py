@@ -750,6 +750,84 @@ def test_a_damaged_block_in_a_long_read_is_named() -> None:
     vol.close()
 
 
+def _aligned_reads_match(fs: FileSystem, ino: int, model: bytes | bytearray) -> int:
+    """Read the file as the kernel does (aligned 128 KiB requests, one past the end),
+    then at a few unaligned places; assert each equals the model. The request count."""
+    request = 128 << 10
+    offsets = range(0, len(model) + request, request)
+    for off in offsets:
+        assert fs.read(ino, off, request) == bytes(model[off : off + request]), off
+    for off, size in [(BS // 2, request), (request - 7, request), (len(model) - 5000, request),
+                      (255 * BS, 2 * BS)]:
+        assert fs.read(ino, off, size) == bytes(model[off : off + size]), (off, size)
+    return len(offsets)
+
+
+def test_aligned_requests_read_what_the_pointers_say() -> None:
+    """A 128 KiB request whose pointers are one on-disk run inside a loaded level-1 block
+    takes a short path (BlockTree.read_range) that checks the run as plain lists. Whatever
+    the layout (one run; blocks a later CP placed elsewhere; holes; the file's end inside
+    a request; dirty blocks not yet committed; pointers out of order) every request equals
+    the model, sequential reading still costs one device read per request, and a damaged
+    block is named."""
+    dev = ReadCountingDevice((64 << 20) // BS)
+    Volume.format(dev)
+    vol = Volume.on_device(dev)
+    fs = FileSystem(vol)
+    nblocks = 3 * 256 + 40
+    model = bytearray(b"".join(block_of(j) for j in range(nblocks)))
+    ino = fs.create(ROOT_INO, "f").ino
+    fs.write(ino, 0, bytes(model))
+    vol.cp()
+    # a rewritten block (placed elsewhere by the next CP), a hole of 32 blocks starting
+    # mid-request, and an end that is not block-aligned
+    for at, data in [((256 + 40) * BS + 5, b"new"), (600 * BS, bytes(32 * BS))]:
+        fs.write(ino, at, data)
+        model[at : at + len(data)] = data
+    tree = vol.active.node(ino).tree
+    for fbn in range(600, 632):
+        tree.punch_block(fbn)  # a real hole, not zeros written
+    fs.setattr(ino, size=len(model) - 100)
+    del model[len(model) - 100 :]
+    _aligned_reads_match(fs, ino, model)  # dirty blocks overlaid (the long path)
+    vol.cp()
+    _aligned_reads_match(fs, ino, model)
+    vol.close()
+
+    vol = Volume.on_device(dev)
+    fs = FileSystem(vol)
+    fs.read(ino, 0, BS)  # the inode and the tree's top
+    dev.read_calls = 0
+    requests = _aligned_reads_match(fs, ino, model)
+    assert dev.read_calls <= requests + 4 + 20, (dev.read_calls, requests)
+    # Pointers out of order inside a request (two entries swapped in memory: the tree
+    # now says blocks 33 and 34 are exchanged): first and last VBN still span the
+    # request, but it is not one run, and the read must follow each pointer.
+    node = vol.active.node(ino).tree.nodes[(1, 0)]
+    node[[33, 34]] = node[[34, 33]]
+    model[33 * BS : 35 * BS] = model[34 * BS : 35 * BS] + model[33 * BS : 34 * BS]
+    assert fs.read(ino, 32 * BS, 32 * BS) == bytes(model[32 * BS : 64 * BS])
+    vol.abandon()
+
+    vbn = data_vbn_of(dev, ino, 70)
+    dev.write(vbn, b"\xff" * BS)
+    vol = Volume.on_device(dev, writable=False)
+    fs = FileSystem(vol)
+    assert fs.read(ino, 0, 32 * BS) == bytes(model[: 32 * BS])  # loads level-1 block 0
+    with pytest.raises(CorruptionError, match=rf"block {vbn}: checksum mismatch"):
+        fs.read(ino, 64 * BS, 32 * BS)
+    vol.close()
+
+
+def data_vbn_of(dev: MemoryDevice, ino: int, fbn: int) -> int:
+    vol = Volume.on_device(dev, writable=False)
+    try:
+        vbn, _ = vol.active.node(ino).tree.data_ptr(fbn)
+        return vbn
+    finally:
+        vol.close()
+
+
 def test_large_writes_keep_views_counted_against_the_dirty_limit() -> None:
     """Blocks of a large `bytes` write stay views of it until the CP (no copy). Memory is
     bounded by counting each such buffer whole: rewriting the same 1 MiB with fresh

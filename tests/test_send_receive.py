@@ -235,8 +235,10 @@ def test_resume_after_a_cut(mirrored: tuple[Volume, MemoryDevice, Volume],
 def test_a_failed_checkpoint_stops_the_receive(mirrored: tuple[Volume, MemoryDevice, Volume],
                                                monkeypatch: pytest.MonkeyPatch) -> None:
     """Checkpoints run in a thread beside the transfer; a flush that fails there stops
-    the receive with that error, and the destination keeps its previous state."""
-    src, _, dst = mirrored
+    the receive with that error, and the destination keeps its previous state. A CP that
+    failed to write leaves the open volume refusing further CPs (what it placed is not on
+    disk); opened again, the destination resumes the receive."""
+    src, dev, dst = mirrored
     monkeypatch.setattr("snapvol.image.receiver.CHECKPOINT_BYTES", 4096)
     before = read_tree(FileSystem(dst))
     flushes = 0
@@ -255,7 +257,13 @@ def test_a_failed_checkpoint_stops_the_receive(mirrored: tuple[Volume, MemoryDev
         image.receive(dst, io.BytesIO(stream(src, "s2", "s0")))
     assert flushes == 2
     assert read_tree(FileSystem(dst)) == before
+    with pytest.raises(VolumeError, match="writing a consistency point failed: Input/output"
+                       ".*mount again"):
+        dst.cp(force=True)
+    dst.abandon()
     monkeypatch.setattr(dst.dev, "flush", real_flush)
+    dst = Volume.on_device(dev)
+    assert read_tree(FileSystem(dst)) == before
     image.receive(dst, [stream(src, "s2", "s0", image.resume_token(dst))])
     assert_mirrors(dst, src, "s2")
 

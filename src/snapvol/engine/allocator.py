@@ -32,6 +32,9 @@ class Allocator:
         # snapvol.image.receiver for the life of a partial receive, so no CP hands them out.
         self.pinned = Plane.zeros(nblocks)
         self._deferred_list: list[np.ndarray] = []
+        # Frees a CP has placed but not yet committed (a CP writing in the background):
+        # blocks freed after its placement stay deferred until the CP after it commits.
+        self._sealed: list[np.ndarray] = []
         self.cursor = FIRST_DATA_VBN
         self.busy = union(active, summary).count()
         # While shadow snapshots exist, every block handed out is recorded so the CP can
@@ -129,15 +132,24 @@ class Allocator:
         self.deferred.set_many(vbns)
         self._deferred_list.append(vbns)
 
+    def seal(self) -> None:
+        """A CP has placed every change: the blocks freed so far are the ones its commit
+        releases. Blocks freed after this (while the CP writes in the background) are
+        still referenced by the root that CP is about to commit, so they wait for the
+        commit of the next one."""
+        self._sealed.extend(self._deferred_list)
+        self._deferred_list = []
+
     def commit(self) -> None:
-        """The CP is on disk: blocks freed during it are free unless a snapshot holds them."""
-        if self._deferred_list:
-            vbns = np.unique(np.concatenate(self._deferred_list))
+        """The sealed CP is on disk: blocks freed before it sealed are free unless a
+        snapshot holds them."""
+        if self._sealed:
+            vbns = np.unique(np.concatenate(self._sealed))
             self.deferred.clear_many(vbns)
             still = (self.active.test_many(vbns) | self.summary.test_many(vbns)
                      | self.pinned.test_many(vbns))
             self.busy -= int(np.count_nonzero(~still))
-            self._deferred_list.clear()
+            self._sealed.clear()
         self.deferred.mark_clean()
 
     def recount(self) -> None:

@@ -43,6 +43,9 @@ class BlockIO:
         self._cache: OrderedDict[tuple[int, int], bytes] = OrderedDict()
         self._cache_max = max(16, cache_bytes // BLOCK_SIZE)
         self.reads = 0
+        # The blocks of a CP being written in the background (Volume.cp), by VBN: the
+        # tree already points at them, so reads must find them here until they land.
+        self.pending: dict[int, bytes | memoryview] = {}
 
     def read(self, vbn: int, csum: int) -> bytes:
         key = (vbn, csum)
@@ -52,6 +55,10 @@ class BlockIO:
             return data
         if not 0 < vbn < self.dev.nblocks:
             raise CorruptionError(f"block pointer to VBN {vbn} is outside the volume")
+        if self.pending:
+            mem = self.pending.get(vbn)
+            if mem is not None:
+                return bytes(mem)  # checksummed from these very bytes when placed
         data = self.dev.read_block(vbn)
         self.reads += 1
         if _xxh3(data, vbn) != csum:
@@ -66,8 +73,8 @@ class BlockIO:
         """Read len(csums) contiguous blocks from `vbn` in one call, each verified.
         Long runs are streaming reads and bypass the cache, so they do not evict it."""
         n = len(csums)
-        if n == 1:
-            return [self.read(vbn, csums[0])]
+        if n == 1 or self._pending_in(vbn, n):
+            return [self.read(vbn + i, c) for i, c in enumerate(csums)]
         if n <= STREAM_RUN:
             cached = [self._cache.get((vbn + i, c)) for i, c in enumerate(csums)]
             if all(d is not None for d in cached):
@@ -93,7 +100,7 @@ class BlockIO:
         object per block or a join (a 128 KiB read was a third slower that way). Short
         runs go through the cache like `read_run`; long ones bypass it."""
         n = len(csums)
-        if n <= STREAM_RUN:
+        if n <= STREAM_RUN or self._pending_in(vbn, n):
             blocks = self.read_run(vbn, csums)
             return blocks[0] if n == 1 else b"".join(blocks)
         if not vbn > 0 or vbn + n > self.dev.nblocks:
@@ -106,6 +113,11 @@ class BlockIO:
             for i, c in enumerate(csums):
                 _verify(mv[i * BLOCK_SIZE : (i + 1) * BLOCK_SIZE], vbn + i, c)
         return raw
+
+    def _pending_in(self, vbn: int, n: int) -> bool:
+        """Whether any of blocks vbn..vbn+n-1 is still being written by a CP."""
+        pending = self.pending
+        return bool(pending) and any(map(pending.__contains__, range(vbn, vbn + n)))
 
     def _remember(self, key: tuple[int, int], data: bytes) -> None:
         self._cache[key] = data
@@ -138,6 +150,13 @@ class WriteBatch:
 
     def __len__(self) -> int:
         return len(self.blocks) + sum(len(d) for _, d in self.runs)
+
+    def contents(self) -> dict[int, bytes | memoryview]:
+        """Every block of the batch by VBN: what reads must see while it is written."""
+        out = dict(self.blocks)
+        for vbns, datas in self.runs:
+            out.update(zip(vbns.tolist(), datas, strict=True))
+        return out
 
     def write_to(self, dev: Device) -> None:
         """Write every block, one vectored call per contiguous run (VBN order within the

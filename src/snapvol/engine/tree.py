@@ -181,6 +181,19 @@ class BlockTree:
             if count == 1:
                 return self.read_block(first)
             return b"".join([self.read_block(f) for f in range(first, first + count)])
+        lo = first & _MASK
+        if self.height and lo + count <= PTRS_PER_BLOCK and not self.dirty_data:
+            # The sequential reader's request (the kernel's 128 KiB, aligned): its pointers
+            # are one slice of a loaded level-1 block. Checked as plain lists, which for a
+            # few dozen pointers costs a fraction of the general path's array set-up.
+            node = self.nodes.get((1, first >> PTR_SHIFT))
+            if node is not None:
+                seg = node[lo : lo + count]
+                vbns_l: list[int] = seg["vbn"].tolist()
+                v0 = vbns_l[0]
+                if v0 and vbns_l[-1] - v0 == count - 1 and vbns_l == list(
+                        range(v0, v0 + count)):
+                    return self.io.read_span(v0, seg["csum"].tolist())
         vbns, csums = self.ptr_range(first, count)
         dirty = self.dirty_data
         overlay: list[tuple[int, DirtyBlock]] = []

@@ -23,6 +23,7 @@ from snapvol.device import Device, ImageDevice, create_image
 from snapvol.device.lock import VolumeLock
 from snapvol.engine.allocator import Allocator
 from snapvol.engine.blockio import BlockIO, WriteBatch
+from snapvol.engine.cpwriter import CPWriter
 from snapvol.engine.image import INODE_FLAG_SYSTEM, Image
 from snapvol.engine.tree import ZERO_BLOCK, BlockTree
 from snapvol.errors import FsError, VolumeError
@@ -101,6 +102,9 @@ class Volume:
         self.mutex = threading.RLock()
         self.cp_interval = DEFAULT_CP_INTERVAL
         self.dirty_limit = DEFAULT_DIRTY_LIMIT
+        # CPs started by the dirty limit or the timer write in the background (a mount
+        # sets this): changes go on while one CP is written, up to the dirty limit again.
+        self.background_cp = False
         self._timer: threading.Thread | None = None
         self._stop = threading.Event()
         self.closed = False
@@ -343,22 +347,79 @@ class Volume:
             self.summary_plane.dirty_blocks()) or bool(
             self.alloc is not None and self.alloc.frees_pending)
 
-    def cp(self, force: bool = False) -> CPStats | None:
-        """Commit every change as one consistency point. Returns None if nothing changed."""
+    def cp(self, force: bool = False, background: bool = False) -> CPStats | None:
+        """Commit every change as one consistency point. Returns None if nothing changed.
+
+        Returns once the CP is on disk, unless `background`: then the placement is done
+        here and the writing goes on in a thread (engine/cpwriter.py) while changes
+        continue, and the stats count the placement only. Either way a CP first waits for
+        the one before it to be on disk."""
         with self.mutex:
             if not self.writable:
                 raise FsError(30, f"{self.path} is open read-only")
+            self.wait_cp()
             if not (force or self.dirty):
                 return None
             t0 = time.perf_counter()
+            count = self.root.cp_count + 1
             self._in_cp = True
             try:
-                stats = self._cp(t0)
+                writer = self._place_cp(background)
             finally:
                 self._in_cp = False
-            return stats
+            self._writing = writer
+            nwritten = len(writer.batch) + 1
+            if background:
+                writer.start()
+            else:
+                self._finish_cp(inline=True)
+            return CPStats(count, nwritten, time.perf_counter() - t0)
 
-    def _cp(self, t0: float) -> CPStats:
+    @property
+    def cp_in_flight(self) -> bool:
+        """Whether a CP is being written in the background."""
+        return self._writing is not None
+
+    def wait_cp(self) -> None:
+        """Return once no CP is being written: the last one is committed, or failed (a
+        VolumeError that every later CP repeats: what it placed is not on disk, so no
+        root may point at it; remounting opens the last committed CP)."""
+        with self.mutex:
+            if self._failed is None and self._writing is not None:
+                try:
+                    self._finish_cp(inline=False)
+                except VolumeError:
+                    pass  # reported below, in the words every later CP repeats
+            if self._failed is not None:
+                raise VolumeError(f"{self.path}: {self._failed}; changes since CP "
+                                  f"{self.root.cp_count} are not on disk: unmount and "
+                                  "mount again to continue from that CP")
+
+    def _finish_cp(self, inline: bool) -> None:
+        writer = self._writing
+        assert writer is not None
+        self._writing = None
+        try:
+            writer.run_inline() if inline else writer.wait()
+        except BaseException:
+            # The placed blocks stay readable from memory (io.pending): files can still
+            # be read, and copied elsewhere, though no later CP will be written.
+            self._failed = writer.failure()
+            raise
+        self.io.pending = {}
+        assert self._placed_root is not None
+        self.root = self._placed_root
+        self._placed_root = None
+        assert self.alloc is not None
+        self.alloc.commit()
+
+    _writing: CPWriter | None = None
+    _placed_root: RootRecord | None = None
+    _failed: str | None = None
+
+    def _place_cp(self, background: bool) -> CPWriter:
+        """Give every change its place and gather the blocks and root record a CP writes;
+        afterwards the in-memory state is the new CP's, and changes start a new one."""
         alloc = self.alloc
         assert alloc is not None
         batch = WriteBatch()
@@ -383,9 +444,6 @@ class Volume:
         self.snap_tree.encode(batch)
         self.summary_tree.encode(batch, summary.block_bytes)
         self.active_tree.encode(batch, active.block_bytes)
-        nwritten = len(batch)
-        batch.write_to(self.dev)
-        self.dev.flush()
         root = RootRecord(
             cp_count=self.root.cp_count + 1,
             time_ns=time.time_ns(),
@@ -400,16 +458,16 @@ class Volume:
             receive_done=self.receive_done,
             receive_flags=self.receive_flags,
         )
-        slot = ROOT_SLOT_VBNS[root.cp_count % 2]
-        self.dev.write(slot, root.encode())
-        self.dev.flush()
-        self.root = root
-        alloc.commit()
+        # The plane blocks are encoded: changes from here on belong to the next CP.
+        alloc.seal()
         active.mark_clean()
         summary.mark_clean()
         self.snaps_dirty = False
         self.last_cp_time = time.monotonic()
-        return CPStats(root.cp_count, nwritten + 1, time.perf_counter() - t0)
+        self._placed_root = root
+        if background:
+            self.io.pending = batch.contents()
+        return CPWriter(self.dev, batch, ROOT_SLOT_VBNS[root.cp_count % 2], root.encode())
 
     def _settle_shadows(self) -> None:
         """Clear the blocks allocated since the last call from every shadow plane."""
@@ -448,10 +506,13 @@ class Volume:
         active = self.active
         # Memory held is the larger of the dirty blocks and the write buffers they view.
         held = max(active.dirty_data_blocks * BLOCK_SIZE, active.held_bytes)
+        writing = self._writing
+        if writing is not None and writing.done:
+            self.wait_cp()  # commit it (frees become reusable) as soon as it is on disk
         if held >= self.dirty_limit or len(active.dirty_records) >= DIRTY_INODE_LIMIT or (
             time.monotonic() - self.last_cp_time >= self.cp_interval and self.dirty
         ):
-            self.cp()
+            self.cp(background=self.background_cp)
             self.active.evict_clean()
 
     def start_cp_timer(self, interval: float | None = None) -> None:
@@ -466,8 +527,8 @@ class Volume:
             while not self._stop.wait(self.cp_interval / 4):
                 if time.monotonic() - self.last_cp_time >= self.cp_interval:
                     with self.mutex:
-                        if not self.closed and self.dirty:
-                            self.cp()
+                        if not self.closed and self._failed is None and self.dirty:
+                            self.cp(background=self.background_cp)
 
         self._timer = threading.Thread(target=run, name="snapvol-cp-timer", daemon=True)
         self._timer.start()
@@ -503,8 +564,12 @@ class Volume:
             self.dev.close()
 
     def abandon(self) -> None:
-        """Drop the volume without a final CP (what a crash does); for tests and errors."""
+        """Drop the volume without a final CP (what a crash does); for tests and errors.
+        A CP being written stops before its root record."""
         self._stop.set()
+        if self._writing is not None:
+            self._writing.abandon()
+            self._writing = None
         self.closed = True
         if self._lock is not None:
             self._lock.release()

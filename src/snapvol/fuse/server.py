@@ -46,6 +46,11 @@ from snapvol.fuse.operations import SnapvolOperations
 log = logging.getLogger("snapvol.fuse")
 
 REQUEST_TIMEOUT = 10.0
+MOUNT_DIRTY_LIMIT = 64 << 20
+"""Data a mount collects before it starts a CP. CPs are written in the background, so up
+to twice this is held: one CP on its way to disk and the next one collecting. A smaller
+set of request buffers is reused sooner (new memory costs a page fault per 4 KiB, which
+on a virtual machine can cost more than the data's copy), and each CP is short."""
 
 
 class MountError(SnapvolError):
@@ -237,6 +242,8 @@ def serve(image: str, mountpoint: str, *, read_only: bool = False,
         vol.dev.close()
         raise
     if vol.writable:
+        vol.background_cp = True  # requests go on while a CP is written
+        vol.dirty_limit = MOUNT_DIRTY_LIMIT
         vol.start_cp_timer(cp_interval)
     mount = _Mount(image, mountpoint, vol, ops, sock)
     try:
