@@ -153,6 +153,38 @@ def test_statfs_errors_and_big_writes(mnt: Mount) -> None:
     assert before <= st.f_bfree - (8 << 20) // 4096
 
 
+def test_writes_past_the_dirty_limit_while_reading_back(mnt: Mount) -> None:
+    """200 MiB through the mount start three background CPs (64 MiB each) that are written
+    while more data comes in; every region reads back right away (some of it from a CP
+    still on its way to disk) and after a remount, and the image checks clean."""
+    rng = random.Random(7)
+    pieces = [rng.randbytes(1 << 20) for _ in range(16)]
+    order = [rng.randrange(16) for _ in range(200)]
+    path = mnt.path / "stream"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        for i, k in enumerate(order):
+            os.pwrite(fd, pieces[k], i << 20)
+            j = rng.randrange(i + 1)  # any region written so far
+            assert os.pread(fd, 1 << 20, j << 20) == pieces[order[j]], f"MiB {j} after {i}"
+        # Overwrite parts of regions a background CP may still be writing.
+        for j in range(0, 200, 7):
+            os.pwrite(fd, b"\xee" * 5000, (j << 20) + 3000)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    want = bytearray(b"".join(pieces[k] for k in order))
+    for j in range(0, 200, 7):
+        want[(j << 20) + 3000 : (j << 20) + 8000] = b"\xee" * 5000
+    assert path.read_bytes() == want
+    info = json.loads(mnt.snapvol("info", "--json", str(mnt.image)).stdout)
+    assert info["cp_count"] >= 4
+    mnt.unmount()
+    mnt.mount()
+    assert path.read_bytes() == want
+    assert "clean" in mnt.snapvol("fsck", "--online", str(mnt.image)).stdout
+
+
 def test_sigterm_commits_and_unmounts(mnt: Mount) -> None:
     (mnt.path / "unsynced").write_bytes(b"written without fsync")
     pid = mnt.pid()
