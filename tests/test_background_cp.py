@@ -147,8 +147,8 @@ def test_a_failed_background_write_refuses_every_later_cp() -> None:
     fs.write_file("/lost", b"l" * 50_000)
     dev.fail = True
     vol.cp(background=True)
-    with pytest.raises(VolumeError, match="writing a consistency point failed: "
-                       "Input/output error.*since CP .* mount again"):
+    with pytest.raises(VolumeError, match=r"writing a consistency point failed: "
+                       r"Input/output error.*since CP .* mount again"):
         vol.wait_cp()
     dev.fail = False
     fs.write_file("/later", b"x")

@@ -257,8 +257,8 @@ def test_a_failed_checkpoint_stops_the_receive(mirrored: tuple[Volume, MemoryDev
         image.receive(dst, io.BytesIO(stream(src, "s2", "s0")))
     assert flushes == 2
     assert read_tree(FileSystem(dst)) == before
-    with pytest.raises(VolumeError, match="writing a consistency point failed: Input/output"
-                       ".*mount again"):
+    with pytest.raises(VolumeError, match=r"writing a consistency point failed: Input/output"
+                       r".*mount again"):
         dst.cp(force=True)
     dst.abandon()
     monkeypatch.setattr(dst.dev, "flush", real_flush)

@@ -8,6 +8,7 @@ All those blocks are written and flushed before the root record goes to the olde
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 import threading
@@ -386,10 +387,9 @@ class Volume:
         root may point at it; remounting opens the last committed CP)."""
         with self.mutex:
             if self._failed is None and self._writing is not None:
-                try:
+                # a failure is reported below, in the words every later CP repeats
+                with contextlib.suppress(VolumeError):
                     self._finish_cp(inline=False)
-                except VolumeError:
-                    pass  # reported below, in the words every later CP repeats
             if self._failed is not None:
                 raise VolumeError(f"{self.path}: {self._failed}; changes since CP "
                                   f"{self.root.cp_count} are not on disk: unmount and "
