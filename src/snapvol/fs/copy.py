@@ -31,6 +31,7 @@ from typing import Protocol
 
 from snapvol.errors import FsError, SnapvolError, fs_error
 from snapvol.fs.posix import FileSystem, Stat
+from snapvol.layout import acl
 from snapvol.layout.constants import BLOCK_SIZE
 
 CHUNK = 1 << 20
@@ -292,8 +293,12 @@ class _Putter(_Copier):
 
     def _put_attrs(self, path: bytes, ino: int, st: os.stat_result) -> None:
         fs = self.fs
-        for name, value in _host_xattrs(path).items():
+        xattrs = _host_xattrs(path)
+        for name, value in xattrs.items():
             fs.setxattr(ino, name, value)
+        for raw in acl.NAMES:
+            if os.fsdecode(raw) not in xattrs:  # inherited from a default ACL, as cp -a
+                fs.removexattr(ino, raw)        # would leave no ACL the source lacks
         mode = st.st_mode
         fs.setattr(ino, size=st.st_size if stat.S_ISREG(mode) else None,
                    mode=None if stat.S_ISLNK(mode) else stat.S_IMODE(mode),

@@ -20,6 +20,7 @@ import numpy as np
 
 from snapvol.engine.image import XATTR_NAME_MAX, XATTR_SIZE_MAX, Image, Node, check_name, dtype_of
 from snapvol.errors import FsError, SnapvolError, fs_error
+from snapvol.layout import acl
 from snapvol.layout.constants import BLOCK_SIZE, MAX_FILE_SIZE, ROOT_INO
 
 if TYPE_CHECKING:
@@ -142,7 +143,9 @@ class FileSystem:
             img.truncate(node, size)
             i.mtime_ns = now
         if mode is not None:
-            i.mode = stat.S_IFMT(i.mode) | stat.S_IMODE(mode)
+            mode = stat.S_IFMT(i.mode) | stat.S_IMODE(mode)
+            self._chmod_acl(img, node, mode)
+            i.mode = mode
         if uid is not None and uid != -1:
             i.uid = uid
         if gid is not None and gid != -1:
@@ -219,17 +222,39 @@ class FileSystem:
             cookie = chunk[-1][3]
 
     def _new(self, parent: int, name: bytes, mode: int, uid: int, gid: int,
-             rdev: int = 0) -> tuple[Node, Node]:
+             rdev: int = 0, umask: int = 0) -> tuple[Node, Node]:
+        """A new inode named `name` in `parent`. Its permissions are `mode` less `umask`,
+        or, when the parent has a default ACL, `mode` limited by that ACL (umask ignored),
+        as on ext4: the new inode then also gets the access ACL the default one gives, and
+        a directory the default ACL itself."""
         img = self._rw()
         check_name(name)
         pnode = self._dirnode(parent)
         d = img.directory(pnode)
         if d.lookup(name) is not None:
             raise fs_error(errno.EEXIST, os.fsdecode(name))
+        acls: dict[bytes, bytes] = {}
+        if not stat.S_ISLNK(mode):
+            default = img.xattrs(pnode).get(acl.DEFAULT)
+            if default is None:
+                mode &= ~(umask & 0o777)
+            else:
+                entries = acl.decode(default)
+                access, mode = acl.inherit(entries, mode)
+                if not acl.is_minimal(access):
+                    acls[acl.ACCESS] = acl.encode(access)
+                if stat.S_ISDIR(mode):
+                    acls[acl.DEFAULT] = default
         now = _now()
         node = img.alloc_inode(mode, uid, gid, now, pnode.inode.qtree)
         node.inode.rdev = rdev
         node.inode.nlink = 1
+        if acls:
+            try:
+                img.set_xattrs(node, acls, now)
+            except FsError:
+                img.free_inode(node)
+                raise
         d.insert(name, node.inode.ino, dtype_of(mode))
         pnode.inode.mtime_ns = pnode.inode.ctime_ns = now
         img.mark_dirty(pnode)
@@ -237,23 +262,25 @@ class FileSystem:
 
     @_locked
     def mknod(self, parent: int, name: str | bytes, mode: int, rdev: int = 0, uid: int = 0,
-              gid: int = 0) -> Stat:
+              gid: int = 0, umask: int = 0) -> Stat:
         fmt = stat.S_IFMT(mode) or stat.S_IFREG
         if fmt == stat.S_IFDIR or fmt == stat.S_IFLNK:
             raise fs_error(errno.EINVAL, "mknod cannot make directories or symlinks")
-        _, node = self._new(parent, _name(name), fmt | stat.S_IMODE(mode), uid, gid, rdev)
+        _, node = self._new(parent, _name(name), fmt | stat.S_IMODE(mode), uid, gid, rdev,
+                            umask)
         self._changed()
         return self._stat(node)
 
     def create(self, parent: int, name: str | bytes, mode: int = 0o644, uid: int = 0,
-               gid: int = 0) -> Stat:
-        return self.mknod(parent, name, stat.S_IFREG | stat.S_IMODE(mode), 0, uid, gid)
+               gid: int = 0, umask: int = 0) -> Stat:
+        return self.mknod(parent, name, stat.S_IFREG | stat.S_IMODE(mode), 0, uid, gid, umask)
 
     @_locked
     def mkdir(self, parent: int, name: str | bytes, mode: int = 0o755, uid: int = 0,
-              gid: int = 0) -> Stat:
+              gid: int = 0, umask: int = 0) -> Stat:
         img = self._rw()
-        pnode, node = self._new(parent, _name(name), stat.S_IFDIR | stat.S_IMODE(mode), uid, gid)
+        pnode, node = self._new(parent, _name(name), stat.S_IFDIR | stat.S_IMODE(mode), uid, gid,
+                                umask=umask)
         node.inode.nlink = 2
         img.format_directory(node, parent)
         pnode.inode.nlink += 1
@@ -534,7 +561,13 @@ class FileSystem:
         return sorted(self.image.xattrs(self.image.node(ino)))
 
     @_locked
-    def setxattr(self, ino: int, name: str | bytes, value: bytes, flags: int = 0) -> None:
+    def setxattr(self, ino: int, name: str | bytes, value: bytes, flags: int = 0, *,
+                 kill_sgid: bool = False) -> None:
+        """Set an xattr. A POSIX ACL (acl.NAMES) is checked first (EINVAL if malformed)
+        and kept as ext4 keeps it: an access ACL sets the mode's permission bits, and is
+        dropped when the mode says it all; an empty one removes the ACL; a default ACL
+        is for directories only (EACCES). `kill_sgid` clears the set-group-ID bit with an
+        access ACL (the caller is not in the file's group and not privileged)."""
         img = self._rw()
         raw = _name(name)
         if not raw or len(raw) > XATTR_NAME_MAX or b"\x00" in raw:
@@ -548,8 +581,47 @@ class FileSystem:
             raise fs_error(errno.EEXIST, f"xattr {os.fsdecode(raw)}")
         if flags & XATTR_REPLACE and raw not in attrs:
             raise fs_error(errno.ENODATA, f"xattr {os.fsdecode(raw)}")
-        attrs[raw] = bytes(value)
-        self._store_xattrs(img, node, attrs)
+        mode = None
+        if raw in acl.NAMES:
+            mode = self._set_acl(node, attrs, raw, value, kill_sgid)
+        else:
+            attrs[raw] = bytes(value)
+        self._store_xattrs(img, node, attrs, mode)
+
+    @staticmethod
+    def _set_acl(node: Node, attrs: dict[bytes, bytes], name: bytes, value: bytes,
+                 kill_sgid: bool) -> int:
+        """Put ACL `value` into `attrs` (the node's xattrs); the mode it gives the node
+        (see setxattr)."""
+        i = node.inode
+        mode = i.mode
+        entries = acl.decode(value)
+        if name == acl.DEFAULT:
+            if entries and not i.is_dir:
+                raise fs_error(errno.EACCES, f"inode {i.ino}: only directories have a "
+                                             "default ACL")
+        elif entries:
+            mode = acl.mode_of(entries, mode)
+            if kill_sgid:
+                mode &= ~stat.S_ISGID
+            if acl.is_minimal(entries):
+                entries = ()
+        if entries:
+            attrs[name] = acl.encode(entries)
+        else:
+            attrs.pop(name, None)
+        return mode
+
+    @staticmethod
+    def _chmod_acl(img: Image, node: Node, mode: int) -> None:
+        """Before a chmod to `mode`: the access ACL's owner, mask (or group) and other
+        entries take the new permission bits, as the kernel's posix_acl_chmod does."""
+        attrs = img.xattrs(node)
+        value = attrs.get(acl.ACCESS)
+        if value is None:
+            return
+        attrs[acl.ACCESS] = acl.encode(acl.chmod(acl.decode(value), mode))
+        img.set_xattrs(node, attrs, _now())
 
     @_locked
     def removexattr(self, ino: int, name: str | bytes) -> None:
@@ -558,13 +630,19 @@ class FileSystem:
         node = img.node(ino)
         attrs = img.xattrs(node)
         if raw not in attrs:
+            if raw in acl.NAMES:
+                return  # no ACL is left, as asked (ext4 answers 0 too)
             raise fs_error(errno.ENODATA, f"xattr {os.fsdecode(raw)}")
         del attrs[raw]
         self._store_xattrs(img, node, attrs)
 
-    def _store_xattrs(self, img: Image, node: Node, attrs: dict[bytes, bytes]) -> None:
+    def _store_xattrs(self, img: Image, node: Node, attrs: dict[bytes, bytes],
+                      mode: int | None = None) -> None:
+        """Write the node's xattrs, then (nothing changed if that fails) its new mode."""
         now = _now()
         img.set_xattrs(node, attrs, now)
+        if mode is not None:
+            node.inode.mode = mode
         node.inode.ctime_ns = now
         img.mark_dirty(node)
         self._changed()

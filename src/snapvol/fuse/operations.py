@@ -37,6 +37,7 @@ from snapvol.fuse.inodes import (
     to_fuse,
 )
 from snapvol.fuse.snapdir import COOKIE_BASE, SnapshotViews
+from snapvol.layout import acl
 from snapvol.layout.constants import BLOCK_SIZE, ROOT_INO
 
 log = logging.getLogger("snapvol.fuse")
@@ -45,7 +46,6 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 ATTR_TIMEOUT = 1.0
-ACL_PREFIX = b"system.posix_acl_"
 
 
 def _errors(fn: Callable[P, Coroutine[Any, Any, R]]) -> Callable[P, Coroutine[Any, Any, R]]:
@@ -82,12 +82,31 @@ def _fail(err: int) -> pyfuse3.FUSEError:
     return pyfuse3.FUSEError(err)
 
 
+def _in_group(ctx: pyfuse3.RequestContext, gid: int) -> bool:
+    """Whether the caller is in group `gid`: its own gid or a supplementary group, which
+    FUSE does not send, so they are read from /proc (as libfuse's fuse_req_getgroups)."""
+    if ctx.gid == gid:
+        return True
+    try:
+        with open(f"/proc/{ctx.pid}/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"Groups:"):
+                    return str(gid).encode() in line.split()[1:]
+    except OSError:
+        pass  # the caller is gone: nothing it does matters any more
+    return False
+
+
 class SnapvolOperations(pyfuse3.Operations):
     """One mounted volume: the active file system at the root, snapshots in .snapshot."""
 
     supports_dot_lookup = True
     enable_writeback_cache = False
-    enable_acl = False
+    # The kernel checks POSIX ACLs (FUSE_CAP_POSIX_ACL, which implies default_permissions)
+    # and caches them; it stores them through setxattr, and fs.posix keeps them and the
+    # mode in step and inherits default ACLs. The kernel still applies the umask to the
+    # mode of a new inode (pyfuse3 cannot ask for FUSE_DONT_MASK): see docs/ARCHITECTURE.
+    enable_acl = True
 
     def __init__(self, vol: Volume) -> None:
         super().__init__()
@@ -282,7 +301,7 @@ class SnapvolOperations(pyfuse3.Operations):
         view, parent = self._writable_dir(parent_inode)
         self._refuse_reserved(parent, name)
         mode, uid, gid = self._owner(view, parent, mode, ctx)
-        return self._entry(0, view.mknod(parent, name, mode, rdev, uid, gid))
+        return self._entry(0, view.mknod(parent, name, mode, rdev, uid, gid, ctx.umask))
 
     @_errors
     async def mkdir(self, parent_inode: int, name: bytes, mode: int,
@@ -292,7 +311,7 @@ class SnapvolOperations(pyfuse3.Operations):
         view, parent = self._writable_dir(parent_inode)
         self._refuse_reserved(parent, name)
         mode, uid, gid = self._owner(view, parent, stat.S_IFDIR | mode, ctx)
-        return self._entry(0, view.mkdir(parent, name, mode, uid, gid))
+        return self._entry(0, view.mkdir(parent, name, mode, uid, gid, ctx.umask))
 
     def _make_snapshot(self, raw: bytes) -> pyfuse3.EntryAttributes:
         """`mkdir .snapshot/NAME`: take snapshot NAME (it commits a CP first)."""
@@ -499,7 +518,7 @@ class SnapvolOperations(pyfuse3.Operations):
         view, parent = self._writable_dir(parent_inode)
         self._refuse_reserved(parent, name)
         mode, uid, gid = self._owner(view, parent, mode, ctx)
-        st = view.create(parent, name, mode, uid, gid)
+        st = view.create(parent, name, mode, uid, gid, ctx.umask)
         return self._open(view, 0, st.ino, flags), self._entry(0, st)
 
     @_errors
@@ -610,20 +629,18 @@ class SnapvolOperations(pyfuse3.Operations):
                        ctx: pyfuse3.RequestContext) -> None:
         if inode == SNAPDIR_INO:
             raise _fail(errno.EROFS)
-        if name.startswith(ACL_PREFIX):
-            # POSIX ACLs are not supported: stored as plain xattrs they would not change
-            # the mode, and tools (cp -a) that set the mode through an ACL would leave
-            # files with the wrong permissions. Refusing makes them fall back to chmod.
-            raise _fail(errno.EOPNOTSUPP)
         view, ino = self._xview(inode)
-        view.setxattr(ino, name, value)
+        kill_sgid = False
+        if name == acl.ACCESS and ctx.uid != 0:
+            # As the kernel's posix_acl_update_mode: an access ACL set by someone outside
+            # the file's group (the kernel checked they own it) drops set-group-ID.
+            kill_sgid = not _in_group(ctx, view.getattr(ino).gid)
+        view.setxattr(ino, name, value, kill_sgid=kill_sgid)
 
     @_errors
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
         if inode == SNAPDIR_INO:
             raise _fail(pyfuse3.ENOATTR)
-        if name.startswith(ACL_PREFIX):
-            raise _fail(errno.EOPNOTSUPP)
         view, ino = self._xview(inode)
         return view.getxattr(ino, name)
 
