@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml scripts/install-system.sh
+$(STAMP): pyproject.toml setup.py scripts/install-system.sh src/snapvol/layout/_blocksum.c
 	bash scripts/install-system.sh
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip

@@ -1,13 +1,14 @@
 """A minimal passthrough FUSE file system on pyfuse3: the anchor of the FUSE benchmarks.
 
-    python bench/passthrough.py SOURCE_DIR MOUNTPOINT
+    python bench/passthrough.py SOURCE_DIR MOUNTPOINT [READAHEAD_KIB]
 
 It maps every request onto the same call on a host directory, with the same pyfuse3
 and trio machinery, the same mount options (default_permissions) and the same page cache
-policy as `snapvol mount`; what it costs is FUSE's own cost, so a ratio against it
-isolates what snapvol adds. Only what the benchmarks drive is implemented (files,
-directories, symlinks, hard links, attributes); prints "ready" once mounted and stops on
-SIGTERM or unmount.
+policy as `snapvol mount`, and the same readahead window (snapvol.fuse.readahead: 1 MiB
+unless READAHEAD_KIB says otherwise, 0 for the kernel's default); what it costs is FUSE's
+own cost, so a ratio against it isolates what snapvol adds. Only what the benchmarks drive
+is implemented (files, directories, symlinks, hard links, attributes); prints "ready" once
+mounted and stops on SIGTERM or unmount.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from typing import Any, ParamSpec, TypeVar
 
 import pyfuse3
 import trio
+
+from snapvol.fuse import readahead
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -43,6 +46,10 @@ class Passthrough(pyfuse3.Operations):
         super().__init__()
         self.paths: dict[int, str] = {pyfuse3.ROOT_INODE: source}
         self.fds: dict[int, int] = {}
+        self.initialized = False
+
+    def init(self) -> None:
+        self.initialized = True
 
     def _path(self, ino: int, name: bytes | None = None) -> str:
         base = self.paths[ino]
@@ -183,8 +190,17 @@ class Passthrough(pyfuse3.Operations):
         return s
 
 
-async def _serve() -> None:
+async def _serve(ops: Passthrough, mountpoint: str, readahead_kib: int) -> None:
     async with trio.open_nursery() as nursery:
+        async def announce() -> None:  # as snapvol.fuse.server does
+            while not ops.initialized:
+                await trio.sleep(0.002)
+            why = readahead_kib and readahead.set_window(mountpoint, readahead_kib)
+            if why:
+                print(f"passthrough: kept the kernel's readahead window: {why}",
+                      file=sys.stderr)
+            print("ready", flush=True)
+
         async def stop_on_signal() -> None:
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as sigs:
                 async for _ in sigs:
@@ -192,17 +208,19 @@ async def _serve() -> None:
                     return
 
         nursery.start_soon(stop_on_signal)
-        print("ready", flush=True)
+        nursery.start_soon(announce)
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
 
 
 def main() -> None:
-    source, mountpoint = sys.argv[1], sys.argv[2]
-    pyfuse3.init(Passthrough(os.path.abspath(source)), mountpoint,
-                 set(pyfuse3.default_options) | {"fsname=passthrough"})
+    # resolved before mounting: once mounted, looking at it would ask this very process
+    source, mountpoint = sys.argv[1], os.path.realpath(sys.argv[2])
+    readahead_kib = int(sys.argv[3]) if len(sys.argv) > 3 else readahead.DEFAULT_KIB
+    ops = Passthrough(os.path.abspath(source))
+    pyfuse3.init(ops, mountpoint, set(pyfuse3.default_options) | {"fsname=passthrough"})
     try:
-        trio.run(_serve)
+        trio.run(_serve, ops, mountpoint, readahead_kib)
     finally:
         pyfuse3.close(unmount=True)
 

@@ -25,7 +25,18 @@ def mnt(tmp_path: Path) -> Iterator[Mount]:
         yield m
 
 
-def test_random_io_matches_reference_files(tmp_path: Path, mnt: Mount) -> None:
+def _same_around(ref: int, got: int, lo: int, hi: int, where: object) -> None:
+    """The bytes [lo - 1, hi + 1) of both files are equal (reads stop at either end)."""
+    lo = max(0, lo - 1)
+    assert os.pread(got, hi + 1 - lo, lo) == os.pread(ref, hi + 1 - lo, lo), where
+
+
+@pytest.mark.parametrize("steps", [1500, pytest.param(20_000, marks=pytest.mark.long)])
+def test_random_io_matches_reference_files(tmp_path: Path, mnt: Mount, steps: int) -> None:
+    """Random writes, truncates, fsyncs and reads on four files through the mount and on
+    reference files beside it: after every step the size and the bytes around what the
+    step touched are equal, every 250 steps the whole files, and at the end also after a
+    remount (nothing cached by the kernel or the mount process)."""
     rng = random.Random(1234)
     ref_dir = tmp_path / "ref"
     ref_dir.mkdir()
@@ -35,7 +46,7 @@ def test_random_io_matches_reference_files(tmp_path: Path, mnt: Mount) -> None:
         fds[n] = (os.open(ref_dir / n, os.O_RDWR | os.O_CREAT, 0o644),
                   os.open(mnt.path / n, os.O_RDWR | os.O_CREAT, 0o644))
     try:
-        for step in range(1500):
+        for step in range(steps):
             n = rng.choice(names)
             ref, got = fds[n]
             op = rng.random()
@@ -46,11 +57,14 @@ def test_random_io_matches_reference_files(tmp_path: Path, mnt: Mount) -> None:
                 length = rng.choice([1, 7, 4096, 4097, rng.randrange(1, 300_000), 1 << 20])
                 data = rng.randbytes(length)
                 assert os.pwrite(ref, data, off) == os.pwrite(got, data, off) == length
+                _same_around(ref, got, off, off + length, (step, n, "write", off, length))
             elif op < 0.6:
                 new = rng.choice([0, rng.randrange(0, size + 1) if size else 0,
                                   rng.randrange(0, 6 << 20), size + 1])
                 os.ftruncate(ref, new)
                 os.ftruncate(got, new)
+                _same_around(ref, got, max(0, min(size, new) - 8192), max(size, new) + 8192,
+                             (step, n, "truncate", size, new))
             elif op < 0.65:
                 os.fsync(got)
             else:
@@ -58,7 +72,7 @@ def test_random_io_matches_reference_files(tmp_path: Path, mnt: Mount) -> None:
                 length = rng.choice([1, 4096, 65536, rng.randrange(1, 2 << 20)])
                 assert os.pread(got, length, off) == os.pread(ref, length, off), (step, n)
             assert os.fstat(got).st_size == os.fstat(ref).st_size, (step, n)
-            if step % 250 == 0 or step == 1499:
+            if step % 250 == 0 or step == steps - 1:
                 for m in names:
                     r, g = fds[m]
                     total = os.fstat(r).st_size
@@ -67,11 +81,15 @@ def test_random_io_matches_reference_files(tmp_path: Path, mnt: Mount) -> None:
         for ref, got in fds.values():
             os.close(ref)
             os.close(got)
-    # Closed and read again by path (the kernel's cache and the engine agree).
+    # Closed and read again by path, then after a remount: what the engine stored.
     for n in names:
         assert (mnt.path / n).read_bytes() == (ref_dir / n).read_bytes()
     online = mnt.snapvol("fsck", "--online", str(mnt.image))
     assert "clean" in online.stdout
+    mnt.unmount()
+    mnt.mount()
+    for n in names:
+        assert (mnt.path / n).read_bytes() == (ref_dir / n).read_bytes(), n
 
 
 def test_readdir_offsets_survive_changes(mnt: Mount) -> None:
@@ -183,6 +201,40 @@ def test_writes_past_the_dirty_limit_while_reading_back(mnt: Mount) -> None:
     mnt.mount()
     assert path.read_bytes() == want
     assert "clean" in mnt.snapvol("fsck", "--online", str(mnt.image)).stdout
+
+
+def _window(path: Path) -> int:
+    dev = os.stat(path).st_dev
+    bdi = Path(f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb")
+    return int(bdi.read_text())
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root may set a readahead window")
+def test_readahead_window_and_long_sequential_reads(mnt: Mount) -> None:
+    """A mount widens its readahead window to 1 MiB before it reports ready (the kernel's
+    requests then come 1 MiB at a time), or keeps the kernel's with --readahead 0; both
+    read a file written in many CPs back in order, and bad windows are refused."""
+    assert _window(mnt.path) == 1024
+    data = random.Random(5).randbytes(24 << 20)
+    (mnt.path / "seq").write_bytes(data[: 10 << 20])
+    os.sync()  # a CP in the middle: the file's blocks are in two runs
+    with open(mnt.path / "seq", "ab") as f:
+        f.write(data[10 << 20 :])
+    mnt.unmount()
+    mnt.mount()
+    with open(mnt.path / "seq", "rb", buffering=0) as f:
+        got = b"".join(iter(lambda: f.read(1 << 20), b""))
+    assert got == data
+    mnt.unmount()
+    mnt.mount("--readahead", "0")
+    assert _window(mnt.path) == 128  # the kernel's default
+    assert (mnt.path / "seq").read_bytes() == data
+    for bad in ("-1", "70000"):
+        proc = mnt.snapvol("mount", str(mnt.image), str(mnt.path.parent), "--readahead", bad,
+                           check=False)
+        assert proc.returncode == 2
+        assert f"--readahead {bad}: must be 0 (the kernel's default) to 65536 KiB" in (
+            proc.stderr)
 
 
 def test_sigterm_commits_and_unmounts(mnt: Mount) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from snapvol.fuse import registry
+from snapvol.fuse import readahead, registry
 from snapvol.fuse.control import ControlError, call, decode, encode
 from snapvol.fuse.inodes import FUSE_ROOT, SNAPDIR_INO, from_fuse, to_fuse
 from snapvol.layout.constants import FIRST_USER_INO, ROOT_INO
@@ -85,3 +85,28 @@ def test_control_client_errors(tmp_path: Path, run_dir: Path) -> None:
             call(entry, "snap_delete", timeout=5, name="x")
         t.join(timeout=10)
     assert json.loads(encode({"a": 1})) == {"a": 1}
+
+
+def test_readahead_finds_the_mount_in_mountinfo(tmp_path: Path) -> None:
+    info = tmp_path / "mountinfo"
+    info.write_text(
+        "22 1 254:0 / / rw,relatime shared:1 - ext4 /dev/vda rw\n"
+        "40 22 0:41 / /mnt/my\\040vol rw,nosuid - fuse.snapvol snapvol rw\n"
+        "41 22 0:42 / /mnt/other rw - fuse passthrough rw\n"
+        "42 40 0:43 / /mnt/my\\040vol rw - fuse.snapvol snapvol rw\n")  # mounted over
+    assert readahead.device_of("/mnt/my vol", str(info)) == "0:43"
+    assert readahead.device_of("/mnt/other", str(info)) == "0:42"
+    assert readahead.device_of("/mnt", str(info)) is None
+
+
+def test_readahead_writes_the_window_or_says_why_not(tmp_path: Path) -> None:
+    here = os.stat("/proc/self")  # any mount point will do: /proc is one
+    device = f"{os.major(here.st_dev)}:{os.minor(here.st_dev)}"
+    sysfs = tmp_path / "bdi"
+    (sysfs / device).mkdir(parents=True)
+    assert readahead.set_window("/proc", 1024, str(sysfs)) is None
+    assert (sysfs / device / "read_ahead_kb").read_text() == "1024\n"
+    why = readahead.set_window("/proc", 512, str(tmp_path / "nowhere"))
+    assert why is not None and why.startswith("cannot write ") and "No such file" in why
+    assert readahead.set_window(str(tmp_path), 512, str(sysfs)) == \
+        f"nothing is mounted on {tmp_path}"

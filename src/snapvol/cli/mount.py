@@ -23,6 +23,7 @@ from snapvol.cli.output import console, print_json, show_time
 from snapvol.errors import SnapvolError
 from snapvol.fuse import registry
 from snapvol.fuse.control import ControlError, call
+from snapvol.fuse.readahead import DEFAULT_KIB
 from snapvol.fuse.registry import MountEntry
 
 UNMOUNT_WAIT = 60.0
@@ -47,14 +48,17 @@ def remote(entry: MountEntry, op: str, **args: Any) -> Any:
 @click.option("--allow-other", is_flag=True,
               help="Let other users in (needs user_allow_other in /etc/fuse.conf "
                    "unless run by root).")
+@click.option("--readahead", type=int, default=DEFAULT_KIB, metavar="KIB", show_default=True,
+              help="The kernel's readahead window for the mount's files, if run by root "
+                   "(0: the kernel's default, 128).")
 def mount(image: str, mountpoint: str, foreground: bool, read_only: bool,
-          cp_interval: float | None, allow_other: bool) -> None:
+          cp_interval: float | None, allow_other: bool, readahead: int) -> None:
     """Mount the volume in IMAGE on MOUNTPOINT; snapshots appear under MOUNTPOINT/.snapshot."""
     from snapvol.fuse.server import serve
 
     image, mountpoint = os.path.abspath(image), os.path.abspath(mountpoint)
     kwargs: dict[str, Any] = {"read_only": read_only, "cp_interval": cp_interval,
-                              "allow_other": allow_other}
+                              "allow_other": allow_other, "readahead_kib": readahead}
     if foreground:
         logging.basicConfig(level=logging.INFO, format="snapvol mount: %(message)s")
         serve(image, mountpoint, ready=lambda: click.echo(

@@ -15,7 +15,7 @@ import numpy as np
 
 from snapvol.device import Device
 from snapvol.errors import CorruptionError
-from snapvol.layout.checksum import block_checksum, xxh3_64
+from snapvol.layout.checksum import block_checksum, first_bad_block, xxh3_64
 from snapvol.layout.constants import BLOCK_SIZE
 
 MAX_IOV = 512
@@ -23,12 +23,14 @@ STREAM_RUN = 16  # runs longer than this are not cached
 _xxh3 = xxh3_64
 
 
+def _mismatch(vbn: int, csum: int) -> CorruptionError:
+    return CorruptionError(f"block {vbn}: checksum mismatch (expected {csum:016x}); the "
+                           "volume is damaged there: run 'snapvol fsck'")
+
+
 def _verify(data: bytes | memoryview, vbn: int, csum: int) -> None:
     if block_checksum(data, vbn) != csum:
-        raise CorruptionError(
-            f"block {vbn}: checksum mismatch (expected {csum:016x}); the volume is "
-            "damaged there: run 'snapvol fsck'"
-        )
+        raise _mismatch(vbn, csum)
 
 
 @functools.lru_cache(maxsize=64)
@@ -79,39 +81,36 @@ class BlockIO:
             cached = [self._cache.get((vbn + i, c)) for i, c in enumerate(csums)]
             if all(d is not None for d in cached):
                 return cast(list[bytes], cached)
-        if not vbn > 0 or vbn + n > self.dev.nblocks:
-            raise CorruptionError(f"block run {vbn}+{n} is outside the volume")
-        raw = self.dev.read(vbn, n)
-        self.reads += n
+        raw = self._read_checked(vbn, np.array(csums, dtype=np.uint64))
         mv = memoryview(raw)
-        out: list[bytes] = []
-        for i, c in enumerate(csums):
-            blk = mv[i * BLOCK_SIZE : (i + 1) * BLOCK_SIZE]
-            _verify(blk, vbn + i, c)
-            data = bytes(blk)
-            if n <= STREAM_RUN:
+        out = [bytes(mv[s]) for s in _block_slices(n)]
+        if n <= STREAM_RUN:
+            for i, (c, data) in enumerate(zip(csums, out, strict=True)):
                 self._remember((vbn + i, c), data)
-            out.append(data)
         return out
 
-    def read_span(self, vbn: int, csums: list[int]) -> bytes:
+    def read_span(self, vbn: int, csums: np.ndarray) -> bytes:
         """The bytes of len(csums) contiguous blocks from `vbn`, read in one call and each
         verified, as one buffer: a sequential reader gets its request without a bytes
         object per block or a join (a 128 KiB read was a third slower that way). Short
         runs go through the cache like `read_run`; long ones bypass it."""
         n = len(csums)
         if n <= STREAM_RUN or self._pending_in(vbn, n):
-            blocks = self.read_run(vbn, csums)
+            blocks = self.read_run(vbn, csums.tolist())
             return blocks[0] if n == 1 else b"".join(blocks)
+        return self._read_checked(vbn, csums)
+
+    def _read_checked(self, vbn: int, csums: np.ndarray) -> bytes:
+        """One device read of len(csums) blocks from `vbn`, every block's checksum checked
+        in one call into C (layout.checksum.first_bad_block)."""
+        n = len(csums)
         if not vbn > 0 or vbn + n > self.dev.nblocks:
             raise CorruptionError(f"block run {vbn}+{n} is outside the volume")
         raw = self.dev.read(vbn, n)
         self.reads += n
-        mv = memoryview(raw)
-        # One checksum per block, iterated in C (map over cached slice objects).
-        if list(map(_xxh3, map(mv.__getitem__, _block_slices(n)), range(vbn, vbn + n))) != csums:
-            for i, c in enumerate(csums):
-                _verify(mv[i * BLOCK_SIZE : (i + 1) * BLOCK_SIZE], vbn + i, c)
+        bad = first_bad_block(raw, vbn, csums)
+        if bad >= 0:
+            raise _mismatch(vbn + bad, int(csums[bad]))
         return raw
 
     def _pending_in(self, vbn: int, n: int) -> bool:

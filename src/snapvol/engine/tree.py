@@ -21,7 +21,7 @@ import numpy as np
 
 from snapvol.engine.blockio import BlockIO, WriteBatch
 from snapvol.errors import FsError
-from snapvol.layout.checksum import block_checksum, xxh3_64
+from snapvol.layout.checksum import block_checksum, checksums_of
 from snapvol.layout.constants import BLOCK_SIZE, MAX_HEIGHT, PTR_SHIFT, PTRS_PER_BLOCK
 from snapvol.layout.pointer import PTR_DTYPE, decode_node, empty_node
 
@@ -170,7 +170,7 @@ class BlockTree:
                     out[i] = d if type(d) is bytes else bytes(d)
                     vbns[i] = 0
         for at, vbn, run in _runs(vbns, csums):
-            out[at : at + len(run)] = self.io.read_run(vbn, run)
+            out[at : at + len(run)] = self.io.read_run(vbn, run.tolist())
         return out
 
     def read_range(self, first: int, count: int) -> bytes:
@@ -193,7 +193,7 @@ class BlockTree:
                 v0 = vbns_l[0]
                 if v0 and vbns_l[-1] - v0 == count - 1 and vbns_l == list(
                         range(v0, v0 + count)):
-                    return self.io.read_span(v0, seg["csum"].tolist())
+                    return self.io.read_span(v0, seg["csum"])
         vbns, csums = self.ptr_range(first, count)
         dirty = self.dirty_data
         overlay: list[tuple[int, DirtyBlock]] = []
@@ -207,7 +207,7 @@ class BlockTree:
             v0 = int(vbns[0])
             if v0 and int(vbns[-1]) - v0 == count - 1 and bool(
                     (np.diff(vbns.view(np.int64)) == 1).all()):
-                return self.io.read_span(v0, csums.tolist())
+                return self.io.read_span(v0, csums)
         out = bytearray(count * BLOCK_SIZE)  # holes stay zero
         for at, vbn, run in _runs(vbns, csums):
             out[at * BLOCK_SIZE : (at + len(run)) * BLOCK_SIZE] = self.io.read_span(vbn, run)
@@ -391,14 +391,13 @@ class BlockTree:
                 vbns = np.concatenate([v for _, v in self._fresh_data])
                 order = np.argsort(fbns, kind="stable")
                 fbns, vbns = fbns[order], vbns[order]
-            vlist = vbns.tolist()
             datas = list(map(get, fbns.tolist()))
-            clist = list(map(xxh3_64, datas, vlist))  # block_checksum, iterated in C
+            csums = checksums_of(datas, vbns)
             if len(datas) >= BATCH_RUN_MIN:
                 batch.add_run(vbns, datas)
             else:  # small files' blocks coalesce with their neighbours' in the batch
-                batch.blocks.update(zip(vlist, datas, strict=True))
-            self._place(0, fbns, vbns, np.array(clist, dtype=np.uint64))
+                batch.blocks.update(zip(vbns.tolist(), datas, strict=True))
+            self._place(0, fbns, vbns, csums)
             self._fresh_data.clear()
         for level in range(1, self.height + 1):
             keys = sorted(i for (lvl, i) in self.dirty_nodes if lvl == level)
@@ -483,7 +482,7 @@ class BlockTree:
                        int(node[j]["csum"]), visit)
 
 
-def _runs(vbns: np.ndarray, csums: np.ndarray) -> Iterator[tuple[int, int, list[int]]]:
+def _runs(vbns: np.ndarray, csums: np.ndarray) -> Iterator[tuple[int, int, np.ndarray]]:
     """(first index, first VBN, checksums) of each run of mapped blocks whose indexes and
     VBNs are both consecutive: what one device read can fetch. Holes (VBN 0) are skipped."""
     present = np.flatnonzero(vbns)
@@ -495,6 +494,6 @@ def _runs(vbns: np.ndarray, csums: np.ndarray) -> Iterator[tuple[int, int, list[
     stops = [*breaks.tolist(), len(present)]
     idxs = present.tolist()
     vlist = pv.tolist()
-    clist = csums[present].tolist()
+    pc = csums[present]
     for a, b in zip(starts, stops, strict=True):
-        yield idxs[a], vlist[a], clist[a:b]
+        yield idxs[a], vlist[a], pc[a:b]

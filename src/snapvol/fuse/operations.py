@@ -127,8 +127,15 @@ class SnapvolOperations(pyfuse3.Operations):
         # since the kernel may still hold its old size.
         self.settling: frozenset[int] = frozenset()
         self.settling_all = False
+        self.initialized = False  # the kernel's INIT exchange is over (see init)
         if not self.readonly:
             self._drop_leftovers()
+
+    def init(self) -> None:
+        """The kernel's INIT request: libfuse sends the reply as this returns, and the
+        kernel applies it at once, so any trio task that sees `initialized` comes after it
+        (fuse.server then sets the readahead window, which the reply would have reset)."""
+        self.initialized = True
 
     def behind(self) -> bool:
         """Whether this is a read-only mount and its image has a newer root than the one it

@@ -33,7 +33,7 @@ from snapvol.engine import snapshots
 from snapvol.engine.fsck import check
 from snapvol.engine.volume import Volume
 from snapvol.errors import SnapvolError
-from snapvol.fuse import follow, registry
+from snapvol.fuse import follow, readahead, registry
 from snapvol.fuse.control import (
     MAX_MESSAGE,
     decode,
@@ -59,9 +59,10 @@ class MountError(SnapvolError):
 
 class _Mount:
     def __init__(self, image: str, mountpoint: str, vol: Volume, ops: SnapvolOperations,
-                 sock: str) -> None:
+                 sock: str, readahead_kib: int) -> None:
         self.image, self.mountpoint, self.vol, self.ops, self.sock = (
             image, mountpoint, vol, ops, sock)
+        self.readahead_kib = readahead_kib
         self.stopping = False
         self._refresh_error = ""
         self._refreshing = trio.Lock()  # one refresh (and its notifications) at a time
@@ -192,6 +193,20 @@ class _Mount:
         task_status.started()
         await trio.serve_listeners(self.handle, [listener])
 
+    async def announce(self, ready: Callable[[], None]) -> None:
+        """Call `ready` once the kernel's INIT exchange is over, after widening the
+        readahead window (fuse.readahead): a file opened before that would keep the
+        kernel's window. A mount that cannot widen it (not root) keeps the kernel's."""
+        while not self.ops.initialized:
+            await trio.sleep(0.002)
+        if self.readahead_kib:
+            why = readahead.set_window(self.mountpoint, self.readahead_kib)
+            if why is None:
+                log.info("readahead window %d KiB", self.readahead_kib)
+            else:
+                log.info("kept the kernel's readahead window: %s", why)
+        ready()
+
     async def run(self, ready: Callable[[], None]) -> None:
         async with trio.open_nursery() as nursery:
             await nursery.start(self.signals)
@@ -201,18 +216,25 @@ class _Mount:
             registry.register(registry.MountEntry(
                 self.image, self.mountpoint, os.getpid(), self.sock, not self.vol.writable,
                 time.time_ns()))
-            ready()
+            nursery.start_soon(self.announce, ready)
             await pyfuse3.main()
             nursery.cancel_scope.cancel()
 
 
 def serve(image: str, mountpoint: str, *, read_only: bool = False,
           cp_interval: float | None = None, allow_other: bool = False,
+          readahead_kib: int = readahead.DEFAULT_KIB,
           ready: Callable[[], None] = lambda: None) -> None:
     """Mount `image` on `mountpoint` and serve it until unmounted or signalled. `ready` is
-    called once the mount answers requests."""
+    called once the mount answers requests. `readahead_kib` is the kernel's readahead
+    window for the mount's files (0: the kernel's default)."""
     image = os.path.abspath(image)
     mountpoint = os.path.realpath(mountpoint)
+    if cp_interval is not None and cp_interval <= 0:
+        raise MountError(f"--cp-interval {cp_interval}: must be a positive number of seconds")
+    if not 0 <= readahead_kib <= readahead.MAX_KIB:
+        raise MountError(f"--readahead {readahead_kib}: must be 0 (the kernel's default) to "
+                         f"{readahead.MAX_KIB} KiB")
     if not os.path.isdir(mountpoint):
         raise MountError(f"mount point {mountpoint} is not a directory: create it first")
     if os.path.ismount(mountpoint):
@@ -221,8 +243,6 @@ def serve(image: str, mountpoint: str, *, read_only: bool = False,
     if other is not None:
         raise MountError(f"{image} is already mounted on {other.mountpoint} "
                          f"(process {other.pid})")
-    if cp_interval is not None and cp_interval <= 0:
-        raise MountError(f"--cp-interval {cp_interval}: must be a positive number of seconds")
     sock = registry.socket_path(image)
     vol = Volume.open(image, writable=not read_only)
     try:
@@ -245,7 +265,7 @@ def serve(image: str, mountpoint: str, *, read_only: bool = False,
         vol.background_cp = True  # requests go on while a CP is written
         vol.dirty_limit = MOUNT_DIRTY_LIMIT
         vol.start_cp_timer(cp_interval)
-    mount = _Mount(image, mountpoint, vol, ops, sock)
+    mount = _Mount(image, mountpoint, vol, ops, sock, readahead_kib)
     try:
         trio.run(mount.run, ready)
     finally:
