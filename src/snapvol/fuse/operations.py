@@ -542,8 +542,10 @@ class SnapvolOperations(pyfuse3.Operations):
             raise _fail(errno.EBADF)
         return h.view.write(h.ino, off, buf)
 
-    async def flush(self, fh: int) -> None:
-        """close(2): nothing to do; durability is fsync's job (as on ext4)."""
+    # No flush: close(2) has nothing to do here (durability is fsync's job, as on ext4, and
+    # a write's errors, ENOSPC included, come from the write itself). pyfuse3's default
+    # answers ENOSYS, which the kernel takes as success and stops sending flush at all,
+    # saving a round trip per close (2,450 in a tar -x of the standard library).
 
     @_errors
     async def fsync(self, fh: int, datasync: bool) -> None:
@@ -649,7 +651,10 @@ class SnapvolOperations(pyfuse3.Operations):
         if inode == SNAPDIR_INO:
             raise _fail(pyfuse3.ENOATTR)
         view, ino = self._xview(inode)
-        return view.getxattr(ino, name)
+        value = view.xattr(ino, name)
+        if value is None:
+            raise _fail(pyfuse3.ENOATTR)
+        return value
 
     @_errors
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> Sequence[bytes]:
