@@ -145,7 +145,18 @@ def test_cli_reaches_the_mount(mnt: Mount) -> None:
     assert offline.returncode == 2 and "--online" in offline.stderr
     mounts = json.loads(mnt.snapvol("mounts", "--json").stdout)
     assert [(m["image"], m["mountpoint"]) for m in mounts] == [(img, str(mnt.path))]
-    assert "deleted snapshot from-cli" in mnt.snapvol("snap", "delete", img, "from-cli").stdout
+    assert os.listdir(mnt.path / ".snapshot" / "from-cli" / "dir") == ["file", "sub"]
+    out = mnt.snapvol("snap", "rename", img, "from-cli", "renamed").stdout
+    assert out == "renamed snapshot from-cli to renamed\n"
+    assert os.listdir(mnt.path / ".snapshot") == ["renamed"]
+    assert not os.path.exists(mnt.path / ".snapshot" / "from-cli")  # cached name forgotten
+    assert (mnt.path / ".snapshot" / "renamed" / "dir" / "sub" / "x").read_text() == "x"
+    missing = mnt.snapvol("snap", "rename", img, "from-cli", "again", check=False)
+    assert missing.returncode == 2 and "from-cli" in missing.stderr
+    restore = mnt.snapvol("snap", "restore", img, "renamed", check=False)
+    assert restore.returncode == 2
+    assert f"is mounted on {mnt.path}" in restore.stderr and "snapvol unmount" in restore.stderr
+    assert "deleted snapshot renamed" in mnt.snapvol("snap", "delete", img, "renamed").stdout
     assert os.listdir(mnt.path / ".snapshot") == []
     # Commands that need the volume itself say who holds it.
     held = mnt.snapvol("put", img, str(mnt.path / "dir" / "file"), "/f", check=False)

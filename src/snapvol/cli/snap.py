@@ -64,8 +64,11 @@ def snap_delete(image: str, name: str) -> None:
 @click.argument("new")
 def snap_rename(image: str, old: str, new: str) -> None:
     """Rename snapshot OLD to NEW."""
-    with open_volume(image, writable=True) as vol:
-        snapshots.rename(vol, old, new)
+    if (live := mounted(image)) is not None:
+        remote(live, "snap_rename", old=old, new=new)
+    else:
+        with open_volume(image, writable=True) as vol:
+            snapshots.rename(vol, old, new)
     click.echo(f"renamed snapshot {old} to {new}")
 
 

@@ -1,7 +1,7 @@
 """The control socket protocol, and the answers shared by the socket and the CLI.
 
 While an image is mounted, its mount process holds the volume's exclusive lock, so other
-commands on that image (`snap create|delete|list`, `info`, `fsck --online`, `unmount`)
+commands on that image (`snap create|delete|rename|list`, `info`, `fsck --online`, `unmount`)
 send the mount process a request over a unix socket instead of opening the image.
 
 One request per connection: the client sends one JSON object and a newline,

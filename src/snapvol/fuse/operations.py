@@ -460,6 +460,19 @@ class SnapvolOperations(pyfuse3.Operations):
         except SnapshotError:
             raise _fail(errno.EINVAL) from None
 
+    def rename_snapshot(self, old: str, new: str) -> None:
+        """`snapvol snap rename` through the control socket: rename, then make the kernel
+        forget both names in .snapshot (it may have cached either)."""
+        if self.readonly:
+            raise FsError(errno.EROFS, f"{self.vol.path} is mounted read-only")
+        self.snaps.rename(old, new)
+        for name in (old, new):
+            try:
+                pyfuse3.invalidate_entry_async(SNAPDIR_INO, os.fsencode(name),
+                                               ignore_enoent=True)
+            except Exception:  # not mounted yet (tests) or the session is ending
+                log.debug("could not invalidate .snapshot/%s", name)
+
     @_errors
     async def link(self, inode: int, new_parent_inode: int, new_name: bytes,
                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:

@@ -95,6 +95,9 @@ class _Mount:
             return {"name": entry.name, "cp_count": entry.cp_count}
         if op == "snap_delete":
             return {"freed_blocks": self.ops.delete_snapshot(str(args["name"]))}
+        if op == "snap_rename":
+            self.ops.rename_snapshot(str(args["old"]), str(args["new"]))
+            return {"name": str(args["new"])}
         if op == "snap_list":
             return [dataclasses.asdict(i) for i in snapshots.infos(vol)]
         if op == "fsck":
