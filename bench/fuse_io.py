@@ -13,12 +13,7 @@ what snapvol adds to FUSE's own cost.
   VM the same file read back evicted ran anywhere from 550 to 2,500 MiB/s from one
   minute to the next. The first read of each side (reported) is its first since the
   write; the others (the target's row) read what the first brought into whatever caches
-  lie below this machine. On a virtual machine those are the host's, which the guest
-  cannot drop, and they need not treat both sides alike: the passthrough's file was
-  written through the page cache, while snapvol writes long CP runs with O_DIRECT, and
-  on the development VM a plain file written with O_DIRECT read back evicted at 560-680
-  MiB/s the first time and 2,000-2,200 after, one written through the page cache at
-  2,200-2,500 both times;
+  lie below this machine (on a virtual machine, the host's, which the guest cannot drop);
 - `tar -x` of this machine's Python standard library (no __pycache__ or site-packages),
   then one fsync (snapvol: a CP of everything) or syncfs of the passthrough's directory;
 - fsync latency: 4 KiB appended, then fsync, repeated; p50 and p99.
@@ -227,7 +222,7 @@ def run(ctx: Context) -> list[Figure]:
                     "passthrough FUSE", mib / best["pt_r"]),
         with_anchor(Figure(TITLE, f"read {size}, the first read since the write",
                            mib / best["snap_first"], "MiB/s",
-                           note="reported: tiers below the guest differ (module docstring)"),
+                           note="reported: the first since the write (module docstring)"),
                     "passthrough FUSE", mib / best["pt_first"]),
         with_anchor(Figure(TITLE, f"tar -x stdlib ({members} entries, {tar_mib:.0f} MiB) + sync",
                            members / best["snap_tar"], "entries/s",

@@ -12,10 +12,8 @@ opening, because only the owner knows whether it opened the volume to write or t
 from __future__ import annotations
 
 import errno
-import mmap
 import os
 import stat
-import threading
 from collections.abc import Sequence
 from typing import cast
 
@@ -36,11 +34,6 @@ def _iov_max() -> int:
 
 IOV_MAX = _iov_max()
 
-DIRECT_MIN_BYTES = 64 << 10
-"""Runs at least this long are written with O_DIRECT where the image allows it."""
-STAGE_BYTES = 8 << 20
-"""The aligned buffer a direct write is gathered into, and so the size of each call."""
-
 
 class ImageDevice(Device):
     """A volume image: a regular file or a raw block device, opened read-only or read-write."""
@@ -56,13 +49,6 @@ class ImageDevice(Device):
             os.close(self._fd)
             raise VolumeError(f"cannot size {self.path}: {err.strerror}") from err
         self.nblocks = size // BLOCK_SIZE
-        # Long runs (a CP's file data, a received stream's blocks) skip the page cache:
-        # they go from an aligned staging buffer straight to the disk, which is several
-        # times cheaper than copying them into new page-cache pages, and reading them
-        # back is the next reader's business. Short runs and all reads stay buffered.
-        self._direct_fd = _open_direct(self.path) if writable else -1
-        self._stages: list[mmap.mmap] = []  # reused, so their pages are faulted in once
-        self._stage_lock = threading.Lock()
 
     @property
     def fd(self) -> int:
@@ -127,9 +113,6 @@ class ImageDevice(Device):
             total = sum(map(len, bufs))
             self.check_run(vbn, blocks_in(total))
             flat = cast(list[bytes | memoryview], list(bufs))
-            if total >= DIRECT_MIN_BYTES and self._direct_fd >= 0 and self._write_direct(
-                    flat, vbn * BLOCK_SIZE):
-                return
             if self._pwritev_all(flat, vbn * BLOCK_SIZE, total):
                 return
         views = [byte_view(buf) for buf in bufs]
@@ -156,65 +139,6 @@ class ImageDevice(Device):
             offset += want
         return True
 
-    def _write_direct(self, bufs: list[bytes | memoryview], offset: int) -> bool:
-        """Write `bufs` at `offset` through the O_DIRECT descriptor, gathered into a
-        staging buffer (O_DIRECT needs aligned memory, which Python's bytes are not).
-        False if the file system refuses direct I/O after all (then the caller writes
-        buffered, and so does every later call): nothing is lost, writes are idempotent.
-        The buffered descriptor's flush (fdatasync) covers these writes too: it makes the
-        file's allocation durable and flushes the disk's write cache."""
-        with self._stage_lock:
-            stage = self._stages.pop() if self._stages else mmap.mmap(-1, STAGE_BYTES)
-        try:
-            view = memoryview(stage)
-            try:
-                pos = 0
-                for buf in bufs:
-                    n = len(buf)
-                    if pos + n > STAGE_BYTES:
-                        self._pwrite_stage(view, pos, offset)
-                        offset += pos
-                        pos = 0
-                    if n > STAGE_BYTES:  # one huge buffer: in stage-sized pieces
-                        whole = memoryview(buf)
-                        for at in range(0, n - STAGE_BYTES + 1, STAGE_BYTES):
-                            view[:] = whole[at : at + STAGE_BYTES]
-                            self._pwrite_stage(view, STAGE_BYTES, offset)
-                            offset += STAGE_BYTES
-                        rest = n % STAGE_BYTES
-                        view[:rest] = whole[n - rest :]
-                        pos = rest
-                        continue
-                    view[pos : pos + n] = buf
-                    pos += n
-                if pos:
-                    self._pwrite_stage(view, pos, offset)
-            finally:
-                view.release()
-        except OSError as err:
-            if err.errno != errno.EINVAL:
-                raise
-            self._stop_direct()
-            return False
-        finally:
-            with self._stage_lock:
-                self._stages.append(stage)
-        return True
-
-    def _pwrite_stage(self, view: memoryview, n: int, offset: int) -> None:
-        done = 0
-        while done < n:
-            wrote = os.pwrite(self._direct_fd, view[done:n], offset + done)
-            if wrote <= 0:
-                raise VolumeError(f"{self.path}: the device accepted no bytes at offset "
-                                  f"{offset + done}")
-            done += wrote
-
-    def _stop_direct(self) -> None:
-        if self._direct_fd >= 0:
-            fd, self._direct_fd = self._direct_fd, -1
-            os.close(fd)
-
     def flush(self) -> None:
         # fdatasync: the data and what reading it back needs (allocation, size), without
         # a journal commit for the mtime alone (the root record's flush is only that).
@@ -222,13 +146,9 @@ class ImageDevice(Device):
             os.fdatasync(self.fd)
 
     def close(self) -> None:
-        self._stop_direct()
         if self._fd >= 0:
             fd, self._fd = self._fd, -1
             os.close(fd)
-        for stage in self._stages:
-            stage.close()
-        self._stages.clear()
 
     def _check_writable(self) -> None:
         if not self.writable:
@@ -272,18 +192,6 @@ def _open_image(path: str, writable: bool) -> int:
         if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS) and writable:
             raise VolumeError(f"cannot open {path} for writing: {err.strerror}") from err
         raise VolumeError(f"cannot open {path}: {err.strerror}") from err
-
-
-def _open_direct(path: str) -> int:
-    """A second, O_DIRECT descriptor for long writes; -1 where the file system has no
-    direct I/O (tmpfs, some FUSE file systems) or the platform lacks the flag."""
-    flag = getattr(os, "O_DIRECT", 0)
-    if not flag:
-        return -1
-    try:
-        return os.open(path, os.O_WRONLY | os.O_CLOEXEC | flag)
-    except OSError:
-        return -1
 
 
 def open_device(path: str | os.PathLike[str], writable: bool) -> ImageDevice:
