@@ -7,6 +7,7 @@ crash) finds against the last CP that reached the disk.
 
 from __future__ import annotations
 
+import os
 import random
 import threading
 
@@ -212,4 +213,134 @@ def test_the_dirty_limit_starts_background_cps_and_the_next_waits() -> None:
     vol = Volume.on_device(dev)
     assert FileSystem(vol).read_file("/big") == chunk * 20
     assert_fsck_clean(vol)
+    vol.close()
+
+
+def _sync_on_thread(vol: Volume) -> tuple[threading.Thread, list[BaseException]]:
+    """A sync as a mount's fsync runs it: the target fixed at the call, the waiting done
+    with CPWriter.join outside the mutex (here on a thread of its own)."""
+    errors: list[BaseException] = []
+    target = vol.sync_target()
+
+    def run() -> None:
+        try:
+            while (writer := vol.sync_step(target)) is not None:
+                writer.join()
+        except BaseException as e:
+            errors.append(e)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread, errors
+
+
+def test_a_sync_waits_off_the_mutex_and_ends_at_its_target() -> None:
+    """While a sync waits for its CP, the file system reads and changes (the mutex is
+    free); the sync then ends once the changes made before it are committed, though later
+    changes keep the volume dirty (a busy writer cannot hold an fsync forever)."""
+    dev, vol, fs = new_volume()
+    fs.write_file("/old", b"o" * 30_000)
+    vol.cp()
+    committed = vol.root.cp_count
+    fs.write_file("/synced", b"s" * 70_000)
+    assert vol.sync_target() == committed + 1
+    dev.gate.clear()
+    thread, errors = _sync_on_thread(vol)
+    assert dev.entered.wait(10)
+    assert vol.cp_in_flight and vol.sync_target() == committed + 1  # placed, not written
+    # The mutex is free: reads and writes go on while the CP is at the gate.
+    got: list[bytes] = []
+    worker = threading.Thread(target=lambda: (
+        got.append(fs.read_file("/old")), fs.write_file("/later", b"l" * 9000)))
+    worker.start()
+    worker.join(10)
+    assert not worker.is_alive() and got == [b"o" * 30_000]
+    assert thread.is_alive()  # the sync still waits for the disk
+    assert vol.sync_target() == committed + 2  # "/later" needs the next CP
+    dev.gate.set()
+    thread.join(10)
+    assert not thread.is_alive() and not errors
+    assert vol.root.cp_count == committed + 1 and vol.dirty  # "/later" is not in it
+    crashed = Volume.on_device(dev.snapshot(), writable=False)
+    crashed_fs = FileSystem(crashed)
+    assert crashed_fs.read_file("/synced") == b"s" * 70_000
+    with pytest.raises(FsError):
+        crashed_fs.resolve("/later")
+    crashed.close()
+    # A second sync commits "/later"; with nothing dirty a sync has no step at all.
+    thread, errors = _sync_on_thread(vol)
+    thread.join(10)
+    assert not errors and vol.root.cp_count == committed + 2 and not vol.dirty
+    assert vol.sync_step(vol.sync_target()) is None
+    vol.close()
+    vol = Volume.on_device(dev)
+    assert FileSystem(vol).read_file("/later") == b"l" * 9000
+    assert_fsck_clean(vol)
+    vol.close()
+
+
+def test_a_sync_joins_the_cp_in_flight_and_reports_its_failure() -> None:
+    dev, vol, fs = new_volume()
+    fs.write_file("/a", b"a" * 5000)
+    vol.cp()
+    committed = vol.root.cp_count
+    fs.write_file("/b", b"b" * 5000)
+    dev.gate.clear()
+    vol.cp(background=True)  # a timer's CP: it holds every change so far
+    assert dev.entered.wait(10)
+    assert vol.sync_target() == committed + 1  # nothing dirty: that CP is the target
+    dev.fail = True
+    thread, errors = _sync_on_thread(vol)
+    dev.gate.set()
+    thread.join(10)
+    assert len(errors) == 1 and isinstance(errors[0], VolumeError)
+    assert "Input/output error" in str(errors[0]) and "mount again" in str(errors[0])
+    assert vol.root.cp_count == committed
+    vol.abandon()
+
+
+def test_a_mounts_fsync_lets_other_requests_through_while_its_cp_is_written() -> None:
+    """The mount's fsync handler waits for the disk on a worker thread: a read and a
+    getattr sent meanwhile are answered before it returns (they used to queue behind the
+    CP's writes and flushes), and it returns once its data is committed."""
+    import trio
+
+    from snapvol.fuse.inodes import to_fuse
+    from snapvol.fuse.operations import SnapvolOperations
+
+    dev, vol, fs = new_volume()
+    other = fs.write_file("/other", b"x" * 20_000).ino
+    target = fs.write_file("/db", b"").ino
+    vol.cp()
+    committed = vol.root.cp_count
+    ops = SnapvolOperations(vol)
+    events: list[str] = []
+
+    async def main() -> None:
+        db = await ops.open(to_fuse(0, target), os.O_RDWR, None)  # type: ignore[arg-type]
+        rd = await ops.open(to_fuse(0, other), os.O_RDONLY, None)  # type: ignore[arg-type]
+        await ops.write(db.fh, 0, b"committed row" * 1000)
+        dev.gate.clear()
+
+        async def fsync() -> None:
+            await ops.fsync(db.fh, False)
+            events.append("fsync")
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(fsync)
+            await trio.to_thread.run_sync(dev.entered.wait, 10)
+            assert await ops.read(rd.fh, 0, 5) == b"xxxxx"
+            attr = await ops.getattr(to_fuse(0, other), None)  # type: ignore[arg-type]
+            assert attr.st_size == 20_000
+            events.append("read")
+            dev.gate.set()
+        await ops.release(db.fh)
+        await ops.release(rd.fh)
+
+    trio.run(main)
+    assert events == ["read", "fsync"]
+    assert vol.root.cp_count == committed + 1 and not vol.dirty
+    crashed = Volume.on_device(dev.snapshot(), writable=False)
+    assert FileSystem(crashed).read_file("/db") == b"committed row" * 1000
+    crashed.close()
     vol.close()

@@ -64,6 +64,12 @@ class CPWriter:
         """Whether the thread has written everything (or failed)."""
         return self._thread.ident is not None and not self._thread.is_alive()
 
+    def join(self) -> None:
+        """Block until the thread has written everything or failed, without raising: for
+        a waiter off the volume's mutex, who then commits with `Volume.wait_cp`."""
+        if self._thread.ident is not None:
+            self._thread.join()
+
     def wait(self) -> None:
         """Block until the CP is on disk; raise what went wrong if it is not. A writer
         whose thread never started (tests hold writes back this way) writes here."""

@@ -395,6 +395,40 @@ class Volume:
                                   f"{self.root.cp_count} are not on disk: unmount and "
                                   "mount again to continue from that CP")
 
+    def sync_target(self) -> int:
+        """The CP count whose commit makes every change made so far durable: the next CP
+        if anything is dirty, else the one being written, else the last committed one.
+        For a sync that waits off the mutex (`sync_step`)."""
+        with self.mutex:
+            if self.dirty:
+                return self._placed_count() + 1
+            return self._placed_count()
+
+    def sync_step(self, target: int) -> CPWriter | None:
+        """One step towards CP `target` (from `sync_target`) being committed, holding the
+        mutex only while placing: None once it is; otherwise the writer of the CP in
+        flight, which the caller waits for with `CPWriter.join` away from the mutex
+        (a mount's fsync waits on a thread, so other requests go on meanwhile) before the
+        next step. A step commits a written CP, then places the next background CP if the
+        target is not placed yet. The failure of a CP is raised as by `wait_cp`."""
+        with self.mutex:
+            writer = self._writing
+            if writer is not None:
+                if not writer.done:
+                    return writer
+                self.wait_cp()  # commit it; raises its failure
+            if self.root.cp_count >= target:
+                return None
+            if not self.writable:
+                raise FsError(30, f"{self.path} is open read-only")
+            self.cp(force=True, background=True)
+            return self._writing
+
+    def _placed_count(self) -> int:
+        """The count of the newest CP placed: in flight, or else committed."""
+        return self._placed_root.cp_count if self._placed_root is not None else (
+            self.root.cp_count)
+
     def _finish_cp(self, inline: bool) -> None:
         writer = self._writing
         assert writer is not None
@@ -526,6 +560,9 @@ class Volume:
         def run() -> None:
             while not self._stop.wait(self.cp_interval / 4):
                 if time.monotonic() - self.last_cp_time >= self.cp_interval:
+                    writer = self._writing
+                    if writer is not None:
+                        writer.join()  # off the mutex, which requests need meanwhile
                     with self.mutex:
                         if not self.closed and self._failed is None and self.dirty:
                             self.cp(background=self.background_cp)

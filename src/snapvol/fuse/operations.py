@@ -21,6 +21,7 @@ from collections.abc import Callable, Coroutine, Iterator, Sequence
 from typing import Any, ParamSpec, TypeVar
 
 import pyfuse3
+import trio
 
 from snapvol.engine.snapshots import SnapshotError, check_snapshot_name
 from snapvol.engine.volume import Volume
@@ -563,7 +564,17 @@ class SnapvolOperations(pyfuse3.Operations):
     @_errors
     async def fsync(self, fh: int, datasync: bool) -> None:
         """Return once everything written so far is in a committed CP."""
-        self.handles.get(fh).view.fsync()
+        if not self.handles.get(fh).view.readonly:
+            await self._commit()
+
+    async def _commit(self) -> None:
+        """Commit every change made so far, as FileSystem.fsync does, but wait for the
+        disk on a worker thread: other requests (reads, writes, other files' fsyncs, which
+        share the CP) go on while a CP is written, instead of queueing behind its
+        flushes. The CP is placed as a background CP (engine/cpwriter.py)."""
+        target = self.vol.sync_target()
+        while (writer := self.vol.sync_step(target)) is not None:
+            await trio.to_thread.run_sync(writer.join)
 
     @_errors
     async def release(self, fh: int) -> None:
@@ -637,7 +648,7 @@ class SnapvolOperations(pyfuse3.Operations):
     @_errors
     async def fsyncdir(self, fh: int, datasync: bool) -> None:
         if not self.readonly:
-            self.active.fsync()
+            await self._commit()
 
     # ---- xattrs -----------------------------------------------------------------------
     def _xview(self, inode: int) -> tuple[FileSystem, int]:
