@@ -53,6 +53,15 @@ def new_volume() -> tuple[GatedDevice, Volume, FileSystem]:
     return dev, vol, FileSystem(vol)
 
 
+def close_and_reopen_with(dev: GatedDevice, vol: Volume, path: str, data: bytes) -> None:
+    """Close `vol`; opened again from `dev`, it holds `data` at `path` and fsck is clean."""
+    vol.close()
+    vol = Volume.on_device(dev)
+    assert FileSystem(vol).read_file(path) == data
+    assert_fsck_clean(vol)
+    vol.close()
+
+
 def files_of(fs: FileSystem, names: list[str]) -> dict[str, bytes]:
     return {n: fs.read_file(n) for n in names}
 
@@ -209,11 +218,7 @@ def test_the_dirty_limit_starts_background_cps() -> None:
     finally:
         CPWriter.start = real_start  # type: ignore[method-assign]
     assert len(started) >= 8
-    vol.close()
-    vol = Volume.on_device(dev)
-    assert FileSystem(vol).read_file("/big") == chunk * 20
-    assert_fsck_clean(vol)
-    vol.close()
+    close_and_reopen_with(dev, vol, "/big", chunk * 20)
 
 
 def _sync_on_thread(vol: Volume) -> tuple[threading.Thread, list[BaseException]]:
@@ -272,11 +277,7 @@ def test_a_sync_waits_off_the_mutex_and_ends_at_its_target() -> None:
     thread.join(10)
     assert not errors and vol.root.cp_count == committed + 2 and not vol.dirty
     assert vol.sync_step(vol.sync_target()) is None
-    vol.close()
-    vol = Volume.on_device(dev)
-    assert FileSystem(vol).read_file("/later") == b"l" * 9000
-    assert_fsck_clean(vol)
-    vol.close()
+    close_and_reopen_with(dev, vol, "/later", b"l" * 9000)
 
 
 def test_a_sync_joins_the_cp_in_flight_and_reports_its_failure() -> None:
@@ -372,11 +373,7 @@ def test_a_cp_due_while_one_is_written_starts_after_it() -> None:
     dev.gate.set()
     third.join(10)
     assert not third.is_alive()
-    vol.close()
-    vol = Volume.on_device(dev)
-    assert FileSystem(vol).read_file("/big") == chunk * 3
-    assert_fsck_clean(vol)
-    vol.close()
+    close_and_reopen_with(dev, vol, "/big", chunk * 3)
 
 
 def test_a_mounts_write_waits_for_the_cp_in_flight_off_the_event_loop() -> None:
@@ -420,8 +417,4 @@ def test_a_mounts_write_waits_for_the_cp_in_flight_off_the_event_loop() -> None:
 
     trio.run(main)
     assert events == ["read", "write"]
-    vol.close()
-    vol = Volume.on_device(dev)
-    assert FileSystem(vol).read_file("/big") == chunk * 3
-    assert_fsck_clean(vol)
-    vol.close()
+    close_and_reopen_with(dev, vol, "/big", chunk * 3)
