@@ -196,9 +196,9 @@ def test_abandon_stops_a_background_cp_before_its_root(monkeypatch: pytest.Monke
     vol.close()
 
 
-def test_the_dirty_limit_starts_background_cps() -> None:
+def test_the_dirty_limit_starts_background_cps_and_the_next_waits() -> None:
     """With `background_cp`, maybe_cp (after each change) starts a CP at the dirty limit
-    and returns (the next one starts once that one is written: see below)."""
+    and returns; at the limit again it first waits for the one being written."""
     dev, vol, fs = new_volume()
     vol.background_cp = True
     vol.dirty_limit = 64 * BLOCK_SIZE
@@ -345,76 +345,3 @@ def test_a_mounts_fsync_lets_other_requests_through_while_its_cp_is_written() ->
     assert FileSystem(crashed).read_file("/db") == b"committed row" * 1000
     crashed.close()
     vol.close()
-
-
-def test_a_cp_due_while_one_is_written_starts_after_it() -> None:
-    """With background CPs, changes that reach the dirty limit while a CP is still being
-    written do not wait for it under the mutex: they collect up to twice the limit (a
-    mount's write handler waits off the mutex meanwhile: cp_to_wait_for); past that, the
-    change waits for the disk."""
-    dev, vol, fs = new_volume()
-    vol.background_cp = True
-    vol.dirty_limit = 32 * BLOCK_SIZE
-    chunk = bytes(range(256)) * 16 * 40  # 40 blocks
-    ino = fs.create(fs.resolve(b"/"), b"big").ino
-    committed = vol.root.cp_count
-    dev.gate.clear()
-    fs.write(ino, 0, chunk)  # past the limit: a background CP starts, held at the gate
-    assert dev.entered.wait(10) and vol.cp_in_flight
-    assert vol.cp_to_wait_for() is None  # nothing new is held yet
-    fs.write(ino, len(chunk), chunk)  # the limit again: returns, no second CP yet
-    assert vol.cp_in_flight and vol.root.cp_count == committed
-    writer = vol.cp_to_wait_for()
-    assert writer is not None and not writer.done
-    third = threading.Thread(target=fs.write, args=(ino, 2 * len(chunk), chunk))
-    third.start()  # twice the limit: this one waits for the disk
-    third.join(0.3)
-    assert third.is_alive()
-    dev.gate.set()
-    third.join(10)
-    assert not third.is_alive()
-    close_and_reopen_with(dev, vol, "/big", chunk * 3)
-
-
-def test_a_mounts_write_waits_for_the_cp_in_flight_off_the_event_loop() -> None:
-    """A write that finds the dirty limit reached while a CP is written waits for that CP
-    on a worker thread: a read sent meanwhile is answered first."""
-    import trio
-
-    from snapvol.fuse.inodes import to_fuse
-    from snapvol.fuse.operations import SnapvolOperations
-
-    dev, vol, fs = new_volume()
-    other = fs.write_file("/other", b"y" * 9000).ino
-    target = fs.write_file("/big", b"").ino
-    vol.cp()
-    vol.background_cp = True
-    vol.dirty_limit = 32 * BLOCK_SIZE
-    ops = SnapvolOperations(vol)
-    chunk = bytes(range(256)) * 16 * 40  # 40 blocks
-    events: list[str] = []
-
-    async def main() -> None:
-        big = await ops.open(to_fuse(0, target), os.O_RDWR, None)  # type: ignore[arg-type]
-        rd = await ops.open(to_fuse(0, other), os.O_RDONLY, None)  # type: ignore[arg-type]
-        dev.gate.clear()
-        await ops.write(big.fh, 0, chunk)  # starts a CP, held at the gate
-        await trio.to_thread.run_sync(dev.entered.wait, 10)
-        await ops.write(big.fh, len(chunk), chunk)  # the limit again, the CP not written
-
-        async def write() -> None:
-            await ops.write(big.fh, 2 * len(chunk), chunk)
-            events.append("write")
-
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(write)
-            await trio.sleep(0.2)
-            assert await ops.read(rd.fh, 0, 4) == b"yyyy"
-            events.append("read")
-            dev.gate.set()
-        await ops.release(big.fh)
-        await ops.release(rd.fh)
-
-    trio.run(main)
-    assert events == ["read", "write"]
-    close_and_reopen_with(dev, vol, "/big", chunk * 3)

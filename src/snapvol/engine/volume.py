@@ -537,38 +537,17 @@ class Volume:
     def maybe_cp(self) -> None:
         """A CP if the dirty data passed its limit or the timer is due. Called by the POSIX
         layer at the end of each changing operation, when no Node is held."""
-        writing = self._writing
-        if writing is not None and writing.done:
-            self.wait_cp()  # commit it (frees become reusable) as soon as it is on disk
-            writing = None
-        if not (self._cp_due() or (
-                time.monotonic() - self.last_cp_time >= self.cp_interval and self.dirty)):
-            return
-        if self.background_cp and writing is not None and not self._cp_due(2):
-            # A CP is still being written: this one starts after it. Until then changes
-            # collect up to twice the limit, and a mount's write handler waits for that CP
-            # off the mutex (cp_to_wait_for); past twice the limit, cp() waits here.
-            return
-        self.cp(background=self.background_cp)
-        self.active.evict_clean()
-
-    def _cp_due(self, times: int = 1) -> bool:
-        """Whether the changes held in memory reached `times` the limit that starts a CP."""
         active = self.active
         # Memory held is the larger of the dirty blocks and the write buffers they view.
         held = max(active.dirty_data_blocks * BLOCK_SIZE, active.held_bytes)
-        return (held >= times * self.dirty_limit
-                or len(active.dirty_records) >= times * DIRTY_INODE_LIMIT)
-
-    def cp_to_wait_for(self) -> CPWriter | None:
-        """The CP being written, if the changes in memory reached the limit: the next
-        change would start a CP, which first waits for this one under the mutex. A caller
-        that can wait elsewhere (a mount's write handler, on a worker thread) waits for
-        it with `CPWriter.join` before changing anything, so the mutex stays free."""
-        writer = self._writing
-        if writer is None or writer.done or not self._cp_due():
-            return None
-        return writer
+        writing = self._writing
+        if writing is not None and writing.done:
+            self.wait_cp()  # commit it (frees become reusable) as soon as it is on disk
+        if held >= self.dirty_limit or len(active.dirty_records) >= DIRTY_INODE_LIMIT or (
+            time.monotonic() - self.last_cp_time >= self.cp_interval and self.dirty
+        ):
+            self.cp(background=self.background_cp)
+            self.active.evict_clean()
 
     def start_cp_timer(self, interval: float | None = None) -> None:
         """Run a CP every `interval` seconds (10 by default) while anything is dirty."""

@@ -554,10 +554,6 @@ class SnapvolOperations(pyfuse3.Operations):
         h = self.handles.get(fh)
         if not h.writable:
             raise _fail(errno.EBADF)
-        if (writer := self.vol.cp_to_wait_for()) is not None:
-            # Past the dirty limit with a CP still being written: wait for the disk here,
-            # off the event loop, rather than in the CP this write would start.
-            await trio.to_thread.run_sync(writer.join)
         return h.view.write(h.ino, off, buf)
 
     # No flush: close(2) has nothing to do here (durability is fsync's job, as on ext4, and

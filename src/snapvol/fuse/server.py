@@ -48,8 +48,7 @@ log = logging.getLogger("snapvol.fuse")
 REQUEST_TIMEOUT = 10.0
 MOUNT_DIRTY_LIMIT = 64 << 20
 """Data a mount collects before it starts a CP. CPs are written in the background, so up
-to three times this is held: one CP on its way to disk and the next one collecting, which
-may reach twice the limit before it waits for the first (Volume.maybe_cp). A smaller
+to twice this is held: one CP on its way to disk and the next one collecting. A smaller
 set of request buffers is reused sooner (new memory costs a page fault per 4 KiB, which
 on a virtual machine can cost more than the data's copy), and each CP is short."""
 
