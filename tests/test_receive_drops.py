@@ -73,6 +73,11 @@ def test_snapshots_the_source_deleted_are_dropped_and_named(
                          str(send(capsys, src, "s3", tmp_path / "inc2", base="s2")))
     assert code == 0, err
     assert "dropped snapshot s1: the source does not hold it" in out
+    code, out, _ = cli(capsys, "snap", "list", str(dst), "--json")
+    assert code == 0 and [(r["name"], r["received"]) for r in json.loads(out)] == [
+        ("s2", True), ("s3", True)]
+    code, out, _ = cli(capsys, "snap", "list", str(src))
+    assert code == 0 and "here" in out and "received" not in out
 
 
 def test_a_snapshot_taken_on_the_destination_is_dropped_only_when_asked(
