@@ -90,3 +90,23 @@ def test_send_planning_and_delete_hold_a_few_planes(volume: Volume) -> None:
     assert peak < 4 * plane, f"deleting a snapshot peaked at {peak / plane:.1f} planes"
     assert freed > 0
     assert_fsck_clean(volume)
+
+
+def test_a_full_send_is_planned_from_runs_not_from_a_vbn_per_block(tmp_path: Path) -> None:
+    """A send's records come from the selection's runs: a VBN per selected block is 64
+    times the plane's size on a full volume (4 GiB for 2 TiB). 256 MiB in a 4 GiB volume
+    (a 128 KiB plane): 65,536 selected blocks would be 512 KiB of VBNs alone."""
+    path = tmp_path / "v.img"
+    Volume.create(path, 4 << 30).close()
+    with Volume.open(path) as vol:
+        fs = FileSystem(vol)
+        ino = fs.create(ROOT_INO, "data").ino
+        block = os.urandom(1 << 20)
+        for off in range(0, 256 << 20, 1 << 20):
+            fs.write(ino, off, block)
+        snapshots.create(vol, "s")
+        plane = vol.active_plane.words.nbytes
+        p, peak = peak_of(lambda: image.plan(vol, "s"))
+        assert peak < 12 * plane, f"planning peaked at {peak / plane:.1f} planes"
+        assert p.nblocks > 65_536 and int(p.counts.sum()) == p.nblocks
+        assert p.nblocks == snapshots.snapshot_plane(vol, vol.snapshots.get("s")).count() - 3

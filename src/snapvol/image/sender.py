@@ -27,7 +27,7 @@ from snapvol.engine.volume import Volume, tree_of
 from snapvol.layout.constants import BLOCK_SIZE, FIRST_DATA_VBN
 from snapvol.layout.snaptable import SnapEntry
 from snapvol.planes import Plane
-from snapvol.planes.algebra import difference_into
+from snapvol.planes.algebra import difference_into, runs
 from snapvol.streams.imagestream import (
     END_PAYLOAD,
     HDR_INCREMENTAL,
@@ -136,15 +136,11 @@ def _choose(vol: Volume, snap: str, base: str | None) -> tuple[list[TableItem], 
     return items, selection, flags
 
 
-def _records(members: npt.NDArray[np.uint64]) -> tuple[npt.NDArray[np.uint64],
-                                                       npt.NDArray[np.int64]]:
-    """Split sorted VBNs into BLOCKS records: contiguous runs cut at MAX_RUN blocks."""
-    if members.size == 0:
+def _records(run_starts: npt.NDArray[np.uint64], run_lens: npt.NDArray[np.int64]
+             ) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.int64]]:
+    """Split runs of VBNs into BLOCKS records of at most MAX_RUN blocks."""
+    if run_starts.size == 0:
         return np.zeros(0, dtype=np.uint64), np.zeros(0, dtype=np.int64)
-    brk = np.flatnonzero(np.diff(members) != 1) + 1
-    heads = np.concatenate(([0], brk))
-    run_starts = members[heads]
-    run_lens = np.diff(np.concatenate((heads, [members.size]))).astype(np.int64)
     nrec = (run_lens + MAX_RUN - 1) // MAX_RUN
     first = np.repeat(np.cumsum(nrec) - nrec, nrec)
     k = np.arange(int(nrec.sum()), dtype=np.int64) - first
@@ -171,17 +167,15 @@ def plan(vol: Volume, snap: str, base: str | None = None,
         if resume_from > vol.nblocks:
             raise SnapshotError("resume token points past the end of the volume")
         flags |= HDR_RESUMED
-    members = selection.members()
-    if resume_from:
-        members = members[members >= np.uint64(resume_from)]
-    starts, counts = _records(members)
+    # From runs of the selection, not from a VBN per selected block (8 bytes a block).
+    starts, counts = _records(*runs(selection, resume_from))
     header = StreamHeader(vol.sb.uuid, vol.nblocks, top.guid, base_guid, selection.count(),
                           resume_from, flags, len(items), time.time_ns())
     nonzero = int(selection.nonzero_blocks().size)
     full, rest = divmod(nonzero, MAX_PLANE_RUN)
     plane_bytes = full * record_size(plane_record_payload(MAX_PLANE_RUN))
     plane_bytes += record_size(plane_record_payload(rest)) if rest else 0
-    nblocks = int(members.size)
+    nblocks = int(counts.sum())
     nbytes = (record_size(HEADER_PAYLOAD) + record_size(table_payload(len(items)))
               + plane_bytes + len(starts) * record_size(blocks_record_payload(0))
               + nblocks * BLOCK_SIZE + record_size(END_PAYLOAD))
