@@ -231,6 +231,20 @@ def test_failback_keeps_a_snapshot_taken_only_on_the_old_primary(
         assert FileSystem(vol).read_file(b"/data") == b"mirror" * 1000
         assert vol.snapshots.find("keep-my-writes") is None
         assert_fsck_clean(vol)
+    # Back to prod -> mirror: it starts from the failback's snapshot, which the mirror
+    # made for prod; that one is retired too, so each side keeps one replication snapshot.
+    failback = out["snapshot"]
+    with Volume.open(prod) as vol:
+        FileSystem(vol).write_file(b"/data", b"prod again" * 1000)
+    r = replicate(str(prod), str(mirror))
+    assert r.base == failback and failback in r.retired and not r.dropped
+    for path in (prod, mirror):
+        assert list(_replicas(path).values()) == [_uuid(mirror)]
+    r = replicate(str(prod), str(mirror))
+    assert r.base is not None and not r.dropped
+    with Volume.open(mirror, writable=False) as vol:
+        assert FileSystem(vol).read_file(b"/data") == b"prod again" * 1000
+        assert_fsck_clean(vol)
 
 
 def test_a_second_destination_does_not_break_the_first(tmp_path: Path) -> None:

@@ -16,8 +16,10 @@ Each run (the reference's §5.4, with the destination's newest master matched by
    and refuses to drop its own unless told to with `drop_local`).
 
 A replication snapshot is recognised by the UUID in its entry, not by its name, so a
-renamed one still counts. One made before the UUID was recorded (all zero) is retired
-by the first run that starts from it.
+renamed one still counts. A run also retires the replication snapshots DST made for SRC
+(taken on DST, for a replicate the other way, as in a failback): a later run that way
+starts from this run's snapshot, the newest both hold. One made before the UUID was
+recorded (all zero) is retired by the first run that starts from it.
 
 A run that stops anywhere leaves both volumes consistent: before the switch DST keeps its
 previous state and a partial receive the next run finishes; after it, at worst an older
@@ -128,15 +130,14 @@ def _common(src: Volume, dst: Volume) -> SnapEntry | None:
     return both[-1] if both else None
 
 
-def _retire(vol: Volume, target: bytes, keep: bytes, legacy: bytes | None) -> list[str]:
+def _retire(vol: Volume, target: bytes, keep: bytes, also: set[bytes]) -> list[str]:
     """Delete `vol`'s replication snapshots made for volume `target`, except `keep` (the
-    one the next run starts from); also `legacy`, the GUID of a replication snapshot from
-    before destinations were recorded that this run started from."""
+    one the next run starts from), and those with GUIDs in `also` (see `_run`)."""
     gone = []
     for e in vol.snapshots.entries():
         if not e.replica or e.guid == keep:
             continue
-        if e.replica_for == target or (e.replica_for == NO_VOLUME and e.guid == legacy):
+        if e.replica_for == target or e.guid in also:
             snapshots.delete(vol, e.name)
             gone.append(e.name)
     return gone
@@ -158,17 +159,17 @@ def replicate(src_path: str, dst_path: str, create: bool = False,
             Volume.create(dst_path, src.nblocks * BLOCK_SIZE).close()
             made = True
         try:
-            out, target, legacy = _run(src, dst_path, progress, drop_local)
+            out, target, also = _run(src, dst_path, progress, drop_local)
         except BaseException:
             if made:
                 _remove_if_untouched(dst_path)
             raise
-        out.retired += _retire(src, target, _guid_of(src, out.snapshot), legacy)
+        out.retired += _retire(src, target, _guid_of(src, out.snapshot), also)
     # As a receive does: readers (a read-only mount of the mirror) may go on reading, since
     # deleting a snapshot is one more CP that writes free blocks and switches the root.
     with open_for_receive(dst_path) as dst:
         out.retired += [f"{name} (on {dst_path})"
-                        for name in _retire(dst, target, _guid_of(dst, out.snapshot), legacy)]
+                        for name in _retire(dst, target, _guid_of(dst, out.snapshot), also)]
     out.seconds = time.monotonic() - t0
     return out
 
@@ -178,13 +179,18 @@ def _guid_of(vol: Volume, name: str) -> bytes:
 
 
 def _run(src: Volume, dst_path: str, progress: Progress | None, drop_local: bool
-         ) -> tuple[ReplicateResult, bytes, bytes | None]:
-    """The transfer; returns its result, DST's volume UUID and the GUID of a legacy
-    replication snapshot (no destination recorded) this run started from."""
+         ) -> tuple[ReplicateResult, bytes, set[bytes]]:
+    """The transfer; returns its result, DST's volume UUID and the GUIDs of the other
+    replication snapshots this run makes obsolete: those DST made for SRC (a replicate
+    the other way, as in a failback: the next one that way starts from this run's
+    snapshot, the newest both hold) and a legacy one (no destination recorded) that this
+    run started from."""
     out = ReplicateResult("", None)
     _resume(src, dst_path, out, progress, drop_local)
     with Volume.open(dst_path, writable=False) as dst:
         target = dst.sb.uuid
+        also = {e.guid for e in dst.snapshots.entries()
+                if e.replica and e.replica_for == src.sb.uuid and not e.received}
         common = _common(src, dst)
         if common is None and not _is_empty(dst):
             raise ReplicateError(
@@ -203,10 +209,9 @@ def _run(src: Volume, dst_path: str, progress: Progress | None, drop_local: bool
     out.blocks += got.blocks
     out.nbytes += got.nbytes
     out.dropped += got.dropped
-    legacy = None
     if common is not None and common.replica and common.replica_for == NO_VOLUME:
-        legacy = common.guid
-    return out, target, legacy
+        also.add(common.guid)
+    return out, target, also
 
 
 def _is_empty(vol: Volume) -> bool:
