@@ -41,6 +41,7 @@ from bench import (  # noqa: E402
     seq_io,
     small_files,
     snap_create,
+    snap_memory,
 )
 from bench.common import (  # noqa: E402
     SCALES,
@@ -53,7 +54,7 @@ from bench.common import (  # noqa: E402
 from snapvol.runtime import tune_gc  # noqa: E402
 
 BENCHMARKS: list[ModuleType] = [seq_io, snap_create, plane_algebra, small_files, big_dir,
-                                image_transfer, replicate_tree, fuse_io]
+                                image_transfer, replicate_tree, fuse_io, snap_memory]
 DEFAULT_JSON = ROOT / "bench" / "results" / "latest.json"
 
 

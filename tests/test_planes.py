@@ -539,3 +539,30 @@ def test_invariant_holds_with_snapshot_deletion(rng: random.Random) -> None:
         if len(order) > 4 and rng.random() < 0.5:
             del vol.snapshots[order.pop(rng.randrange(len(order) - 1))]
         check_snapshot_invariant([vol.snapshots[name] for name in order])
+
+
+def _runs_of_members(plane: Plane, start: int) -> tuple[list[int], list[int]]:
+    m = plane.members()
+    m = m[m >= np.uint64(start)].astype(np.int64)
+    if m.size == 0:
+        return [], []
+    brk = np.flatnonzero(np.diff(m) != 1) + 1
+    heads = np.concatenate(([0], brk))
+    lens = np.diff(np.concatenate((heads, [m.size])))
+    return m[heads].tolist(), lens.tolist()
+
+
+def test_runs_equal_the_runs_of_the_members_across_chunk_edges() -> None:
+    from snapvol.planes.algebra import CHUNK_WORDS, runs
+
+    edge = CHUNK_WORDS * 64
+    nblocks = 3 * edge + 100
+    rng = np.random.default_rng(4)
+    plane = Plane(nblocks)
+    plane.set_many(rng.choice(nblocks, 20_000, replace=False))
+    for a, n in ((edge - 70, 140), (2 * edge - 1, 2), (3 * edge - 5, 105), (0, 300)):
+        plane.set_range(a, n)  # runs across each chunk edge, and to the very end
+    for start in (0, 1, 63, 64, edge - 3, edge, edge + 1, 2 * edge, 3 * edge + 50, nblocks):
+        got_starts, got_lens = runs(plane, start)
+        assert (got_starts.tolist(), got_lens.tolist()) == _runs_of_members(plane, start)
+    assert [a.size for a in runs(Plane(nblocks))] == [0, 0]

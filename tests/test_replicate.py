@@ -107,10 +107,12 @@ def _interrupt(src: Path, dst: Path, cut: float) -> tuple[str, bool]:
     and a partial receive of it on DST (the stream cut at fraction `cut`). A cut before
     the stream's selection plane ended is refused outright: then there is no partial
     receive (the second value)."""
+    with Volume.open(dst, writable=False) as d:
+        target = d.sb.uuid
     with Volume.open(src) as vol:
         base = next(e.name for e in vol.snapshots.entries() if e.replica)
         name = f"replica-cut-{cut}"
-        snapshots.create(vol, name, replica=True)
+        snapshots.create(vol, name, replica_for=target)
         data = b"".join(stream_plan(vol, plan(vol, name, base)))
     d = open_for_receive(str(dst))
     try:
@@ -177,3 +179,110 @@ def test_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
         main(["replicate", str(src), str(other)])
     assert ex.value.code == 2
     assert "not a mirror" in capsys.readouterr().err
+
+
+def _replicas(path: Path) -> dict[str, str | None]:
+    with Volume.open(path, writable=False) as vol:
+        return {i.name: i.replica_for for i in snapshots.infos(vol) if i.replica}
+
+
+def _uuid(path: Path) -> str:
+    with Volume.open(path, writable=False) as vol:
+        return vol.sb.uuid_str
+
+
+def test_failback_keeps_a_snapshot_taken_only_on_the_old_primary(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Issue 10 item 2: prod diverged from its mirror; the user keeps the divergent writes
+    in a snapshot, rolls prod back to the common snapshot and fails back from the mirror.
+    The receive refuses to drop that snapshot (it was taken on prod and never came from
+    the mirror) and changes nothing; with --drop-local it goes, and is reported."""
+    prod, mirror = tmp_path / "prod.img", tmp_path / "mirror.img"
+    with Volume.create(prod, SIZE) as vol:
+        FileSystem(vol).write_file(b"/data", b"common" * 1000)
+    replicate(str(prod), str(mirror), create=True)
+    with Volume.open(mirror) as vol:  # failover: the mirror takes writes
+        FileSystem(vol).write_file(b"/data", b"mirror" * 1000)
+    with Volume.open(prod) as vol:  # prod took writes too before it went down
+        common = next(e.name for e in vol.snapshots.entries() if e.replica)
+        FileSystem(vol).write_file(b"/data", b"unreplicated" * 1000)
+        snapshots.create(vol, "keep-my-writes")
+        snapshots.restore(vol, common)
+    with Volume.open(mirror, writable=False) as vol:
+        mirror_snaps = sorted(e.name for e in vol.snapshots.entries())
+    with pytest.raises(SystemExit) as ex:
+        main(["replicate", str(mirror), str(prod)])
+    assert ex.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert "'keep-my-writes'" in err and "--drop-local" in err
+    with Volume.open(prod, writable=False) as vol:  # nothing changed on either side
+        assert FileSystem(vol, "keep-my-writes").read_file(b"/data") == b"unreplicated" * 1000
+        assert not vol.snapshots.get("keep-my-writes").received
+    with Volume.open(mirror, writable=False) as vol:
+        assert sorted(e.name for e in vol.snapshots.entries()) == mirror_snaps
+    # The user copies out what they need, then asks for the drop explicitly.
+    with pytest.raises(SystemExit) as ex:
+        main(["replicate", str(mirror), str(prod), "--drop-local", "--json"])
+    assert ex.value.code == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["dropped"] == ["keep-my-writes"] and out["base"] == common
+    with Volume.open(prod, writable=False) as vol:
+        assert FileSystem(vol).read_file(b"/data") == b"mirror" * 1000
+        assert vol.snapshots.find("keep-my-writes") is None
+        assert_fsck_clean(vol)
+    # Back to prod -> mirror: it starts from the failback's snapshot, which the mirror
+    # made for prod; that one is retired too, so each side keeps one replication snapshot.
+    failback = out["snapshot"]
+    with Volume.open(prod) as vol:
+        FileSystem(vol).write_file(b"/data", b"prod again" * 1000)
+    r = replicate(str(prod), str(mirror))
+    assert r.base == failback and failback in r.retired and not r.dropped
+    for path in (prod, mirror):
+        assert list(_replicas(path).values()) == [_uuid(mirror)]
+    r = replicate(str(prod), str(mirror))
+    assert r.base is not None and not r.dropped
+    with Volume.open(mirror, writable=False) as vol:
+        assert FileSystem(vol).read_file(b"/data") == b"prod again" * 1000
+        assert_fsck_clean(vol)
+
+
+def test_a_second_destination_does_not_break_the_first(tmp_path: Path) -> None:
+    """Issue 10 item 3: each destination has its own replication snapshot (its volume
+    UUID in the entry, its short form in the name), so a -> b, a -> c, a -> b, a -> c are
+    all incremental after the first of each, and both mirrors equal the source."""
+    a, b, c = tmp_path / "a.img", tmp_path / "b.img", tmp_path / "c.img"
+    Volume.create(a, SIZE).close()
+    rng = random.Random(5)
+    user: list[str] = []
+    change(a, rng, user)
+    assert replicate(str(a), str(b), create=True).base is None
+    change(a, rng, user)
+    assert replicate(str(a), str(c), create=True).base is None
+    for dst in (b, c, b, c):
+        change(a, rng, user)
+        r = replicate(str(a), str(dst))
+        assert r.base is not None and r.base.startswith(f"replica-{_uuid(dst)[:8]}-"), r
+        with Volume.open(a, writable=False) as va, Volume.open(dst, writable=False) as vd:
+            assert read_tree(FileSystem(va, r.snapshot)) == read_tree(FileSystem(vd))
+        assert_fsck_clean_path(dst)
+    # The source keeps exactly one replication snapshot per destination.
+    assert sorted(_replicas(a).values()) == sorted([_uuid(b), _uuid(c)])
+    # Renamed, a replication snapshot is still recognised by the UUID in its entry.
+    old = next(n for n, t in _replicas(a).items() if t == _uuid(b))
+    with Volume.open(a) as vol:
+        snapshots.rename(vol, old, "renamed-mirror-point")
+    change(a, rng, user)
+    r = replicate(str(a), str(b))
+    assert r.base == "renamed-mirror-point" and "renamed-mirror-point" in r.retired
+    assert sorted(_replicas(a).values()) == sorted([_uuid(b), _uuid(c)])
+    for dst in (b, c):
+        with pytest.raises(SystemExit) as ex:
+            main(["verify", str(a) + "@" + next(
+                n for n, t in _replicas(a).items() if t == _uuid(dst)), str(dst)])
+        assert ex.value.code == 0
+
+
+def assert_fsck_clean_path(path: Path) -> None:
+    with Volume.open(path, writable=False) as vol:
+        assert_fsck_clean(vol)

@@ -15,15 +15,20 @@ from snapvol.image.replicate import replicate
 @click.argument("src")
 @click.argument("dst")
 @click.option("--create", is_flag=True, help="Make DST (the size of SRC) if it does not exist.")
+@click.option("--drop-local", is_flag=True,
+              help="Drop snapshots taken on DST itself that SRC does not hold (without "
+                   "this the run refuses, naming them, since their data may exist nowhere "
+                   "else).")
 @click.option("--json", "as_json", is_flag=True, help="Print what moved as JSON.")
-def replicate_cmd(src: str, dst: str, create: bool, as_json: bool) -> None:
+def replicate_cmd(src: str, dst: str, create: bool, drop_local: bool, as_json: bool) -> None:
     """Take a snapshot of SRC and bring DST to it: the increment from the newest snapshot
     both hold (a full copy when there is none), finishing an interrupted run first.
-    Both keep the snapshot the next run starts from; older ones this command made are
-    retired (user snapshots never are)."""
+    Both keep the snapshot the next run starts from; older ones this command made for DST
+    are retired (those made for other destinations, and user snapshots, never are).
+    DST drops the snapshots it received that SRC no longer holds; each is named."""
     try:
         with byte_progress("replicating") as progress:
-            r = replicate(src, dst, create, progress)
+            r = replicate(src, dst, create, progress, drop_local)
     finally:
         refresh_mount(dst)  # a read-only mount of DST shows the new state at once
     if as_json:
@@ -42,4 +47,4 @@ def replicate_cmd(src: str, dst: str, create: bool, as_json: bool) -> None:
     for name in r.retired:
         click.echo(f"retired replication snapshot {name}")
     for name in r.dropped:
-        click.echo(f"dropped snapshot {name} from {dst}: {src} no longer holds it")
+        click.echo(f"dropped snapshot {name} from {dst}: {src} does not hold it")

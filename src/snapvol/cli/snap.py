@@ -86,7 +86,8 @@ def snap_restore(image: str, name: str) -> None:
 @click.argument("image")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (space in bytes).")
 def snap_list(image: str, as_json: bool) -> None:
-    """List snapshots, oldest first, with the space deleting each would free."""
+    """List snapshots, oldest first, with the space deleting each would free and where
+    each came from ("here": taken on IMAGE; "received": brought by a receive)."""
     if (live := mounted(image)) is not None:
         infos = [snapshots.SnapshotInfo(**row) for row in remote(live, "snap_list")]
     else:
@@ -95,17 +96,19 @@ def snap_list(image: str, as_json: bool) -> None:
     if as_json:
         print_json([{"name": i.name, "guid": i.guid, "snap_id": i.snap_id,
                      "cp_count": i.cp_count, "created_ns": i.created_ns,
-                     "shadow": i.shadow, "replica": i.replica,
+                     "shadow": i.shadow, "replica": i.replica, "received": i.received,
+                     "replica_for": i.replica_for,
                      "reclaimable": i.reclaimable_blocks * BLOCK_SIZE} for i in infos])
         return
     table = Table(box=None)
-    for title in ("name", "kind", "guid", "CP", "created"):
+    for title in ("name", "kind", "origin", "guid", "CP", "created"):
         table.add_column(title)
     table.add_column("reclaimable", justify="right")
     for i in infos:
         kind = "shadow" if i.shadow else "replica" if i.replica else "snapshot"
-        table.add_row(i.name, kind, i.guid, str(i.cp_count),
-                      show_time(i.created_ns), human_size(i.reclaimable_blocks * BLOCK_SIZE))
+        table.add_row(i.name, kind, "received" if i.received else "here", i.guid,
+                      str(i.cp_count), show_time(i.created_ns),
+                      human_size(i.reclaimable_blocks * BLOCK_SIZE))
     if infos:
         console().print(table)
     else:

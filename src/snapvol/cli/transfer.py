@@ -84,9 +84,12 @@ def send(image: str, snap: str, base: str | None, output: str | None, dry_run: b
 @click.option("--create", is_flag=True, help="Make IMAGE, the size of the source volume.")
 @click.option("--abort", "abort_", is_flag=True,
               help="Discard IMAGE's partial receive (its pinned blocks are freed).")
+@click.option("--drop-local", is_flag=True,
+              help="Drop snapshots taken on IMAGE itself that the stream does not bring "
+                   "(without this the receive refuses, naming them).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def receive_cmd(image: str, source: str | None, create: bool, abort_: bool,
-                as_json: bool) -> None:
+                drop_local: bool, as_json: bool) -> None:
     """Apply an image stream to IMAGE (from stdin or -i FILE); the switch is atomic."""
     if abort_:
         if source or create:
@@ -112,7 +115,7 @@ def receive_cmd(image: str, source: str | None, create: bool, abort_: bool,
             header, chunks = read_header_from(f)
             Volume.create(image, header.nblocks * 4096).close()
         try:
-            result = _receive_into(image, chunks)
+            result = _receive_into(image, chunks, drop_local)
         except BaseException:
             if create:
                 _remove_if_untouched(image)
@@ -129,14 +132,14 @@ def receive_cmd(image: str, source: str | None, create: bool, abort_: bool,
     click.echo(f"received snapshot {result.snapshot} ({what}){more}: {result.blocks} "
                f"blocks, {human_size(result.nbytes)} in {seconds:.1f}s")
     for name in result.dropped:
-        click.echo(f"dropped snapshot {name}: the source no longer holds it")
+        click.echo(f"dropped snapshot {name}: the source does not hold it")
 
 
-def _receive_into(image: str, chunks: Source) -> ReceiveResult:
+def _receive_into(image: str, chunks: Source, drop_local: bool) -> ReceiveResult:
     vol = open_for_receive(image)
     try:
         with byte_progress("receiving") as progress:
-            return receive(vol, chunks, progress)
+            return receive(vol, chunks, progress, drop_local)
     finally:
         vol.close()
         refresh_mount(image)

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import time
 import uuid as uuidlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import numpy as np
 
+from snapvol.engine import planefile
 from snapvol.engine.image import Image
 from snapvol.engine.tree import BlockTree
 from snapvol.errors import FsError, SnapvolError
@@ -22,16 +23,30 @@ from snapvol.layout.constants import (
     BLOCK_SIZE,
     FIRST_DATA_VBN,
     MAX_NAME,
+    MAX_SNAP_ID,
     MAX_SNAPSHOTS,
     SNAP_ENTRIES_PER_BLOCK,
     SNAP_ENTRY_SIZE,
     SNAP_TABLE_BLOCKS,
 )
 from snapvol.layout.records import TreeRoot
-from snapvol.layout.snaptable import SNAP_IN_USE, SNAP_REPLICA, SNAP_SHADOW, SnapEntry
+from snapvol.layout.snaptable import (
+    NO_VOLUME,
+    SNAP_IN_USE,
+    SNAP_RECEIVED,
+    SNAP_REPLICA,
+    SNAP_SHADOW,
+    SnapEntry,
+)
 from snapvol.planes import Plane
 from snapvol.planes.algebra import union_into_blocks
-from snapvol.planes.plane import bit_positions
+from snapvol.planes.plane import (
+    BITS_PER_PLANE_BLOCK,
+    PLANE_BLOCK_BYTES,
+    WORD,
+    WORDS_PER_PLANE_BLOCK,
+    bit_positions,
+)
 
 if TYPE_CHECKING:
     from snapvol.engine.volume import Volume
@@ -62,20 +77,32 @@ class SnapshotTable:
 
     def __init__(self, entries: dict[int, SnapEntry], next_id: int) -> None:
         self.slots = entries  # slot -> entry
-        self.next_id = next_id
+        # The id the next snapshot gets. Ids only grow (the root record keeps this one),
+        # so a deleted snapshot's id, and the FUSE inode numbers made from it
+        # (`snap_id << 40 | ino`, which the kernel may still cache), never come back.
+        self.next_id = max([next_id, 1, *(e.snap_id + 1 for e in entries.values())])
 
     @classmethod
-    def load(cls, tree: BlockTree, nblocks: int) -> SnapshotTable:
+    def load(cls, tree: BlockTree, nblocks: int, next_id: int) -> SnapshotTable:
+        """The table in `tree`; `next_id` is the root record's next snapshot id (the
+        entries' ids are below it, unless the record predates it being kept)."""
         entries: dict[int, SnapEntry] = {}
-        next_id = 1
         for blk in range(nblocks):
             data = memoryview(tree.read_block(blk))
             for i in range(SNAP_ENTRIES_PER_BLOCK):
                 e = SnapEntry.decode(data[i * SNAP_ENTRY_SIZE : (i + 1) * SNAP_ENTRY_SIZE])
                 if e is not None:
                     entries[blk * SNAP_ENTRIES_PER_BLOCK + i] = e
-                    next_id = max(next_id, e.snap_id + 1)
         return cls(entries, next_id)
+
+    def take_id(self) -> int:
+        """A new snapshot id, never handed out before on this volume."""
+        snap_id = self.next_id
+        if snap_id > MAX_SNAP_ID:
+            raise SnapshotError(f"this volume has used all {MAX_SNAP_ID} snapshot ids; "
+                                "copy its files to a new volume (snapvol get / put)")
+        self.next_id += 1
+        return snap_id
 
     @property
     def nblocks(self) -> int:
@@ -152,6 +179,8 @@ class SnapshotInfo:
     reclaimable_blocks: int  # what deleting it alone would free
     shadow: bool = False
     replica: bool = False  # made by `snapvol replicate`
+    received: bool = False  # arrived in an image stream (False: taken on this volume)
+    replica_for: str | None = None  # the UUID of the volume a replication snapshot serves
 
 
 def snapshot_plane(vol: Volume, entry: SnapEntry) -> Plane:
@@ -161,11 +190,12 @@ def snapshot_plane(vol: Volume, entry: SnapEntry) -> Plane:
 
 
 def create(vol: Volume, name: str, shadow: bool = False, source: str | None = None,
-           replica: bool = False) -> SnapEntry:
+           replica_for: bytes | None = None) -> SnapEntry:
     """Take snapshot `name` of the active file system. With `shadow`, take a shadow
     snapshot instead (see engine/shadows.py): of the active file system, or with `source`
     of that existing snapshot, keeping its GUID and CP so a destination holding it still
-    matches. `replica` marks a snapshot `snapvol replicate` made for itself."""
+    matches. `replica_for` (a volume UUID) marks a snapshot `snapvol replicate` made for
+    itself, to bring that volume up to date."""
     with vol.mutex:
         check_snapshot_name(name)
         table = vol.snapshots
@@ -181,13 +211,15 @@ def create(vol: Volume, name: str, shadow: bool = False, source: str | None = No
             # roots do not reach (snapvol.image.receiver).
             raise SnapshotError(f"{vol.path} has a partial receive: finish it (snapvol send "
                                 "... --resume) or abort it (snapvol receive --abort) first")
+        snap_id = table.take_id()
         vol.cp()
         r = vol.root
-        entry = SnapEntry(table.next_id, name, uuidlib.uuid4().bytes, r.cp_count,
+        replica = replica_for is not None
+        entry = SnapEntry(snap_id, name, uuidlib.uuid4().bytes, r.cp_count,
                           time.time_ns(), r.inode_file, r.active_plane, r.summary_plane,
-                          r.snap_table, flags=SNAP_IN_USE | (SNAP_REPLICA if replica else 0))
+                          r.snap_table, flags=SNAP_IN_USE | (SNAP_REPLICA if replica else 0),
+                          replica_for=replica_for or NO_VOLUME)
         table.slots[slot] = entry
-        table.next_id += 1
         # Only where either plane changed since the last snapshot can the summary lack
         # an active bit; elsewhere the last creation already ORed them (DESIGN.md §3.4).
         active, summary = vol.active_plane, vol.summary_plane
@@ -205,6 +237,8 @@ def _create_shadow(vol: Volume, name: str, slot: int, source: str | None) -> Sna
 
     table = vol.snapshots
     assert vol.alloc is not None
+    snap_id = table.take_id()
+    flags = SNAP_IN_USE | SNAP_SHADOW
     if source is None:
         vol.cp()  # the plane in memory is now exactly the committed CP's image
         plane = vol.active_plane.copy()
@@ -216,13 +250,13 @@ def _create_shadow(vol: Volume, name: str, slot: int, source: str | None) -> Sna
         else:
             plane = snapshot_plane(vol, base)
         guid, cp_count, created = base.guid, base.cp_count, base.created_ns
+        flags |= base.flags & SNAP_RECEIVED  # the same snapshot, so from the same place
     # The superblock and root slots are rewritten in place, never allocated: no bit.
     plane.clear_range(0, FIRST_DATA_VBN)
     # No trees: a shadow's blocks may be reused, so nothing may ever follow its pointers.
-    entry = SnapEntry(table.next_id, name, guid, cp_count, created, TreeRoot(), TreeRoot(),
-                      TreeRoot(), TreeRoot(), flags=SNAP_IN_USE | SNAP_SHADOW)
+    entry = SnapEntry(snap_id, name, guid, cp_count, created, TreeRoot(), TreeRoot(),
+                      TreeRoot(), TreeRoot(), flags=flags)
     table.slots[slot] = entry
-    table.next_id += 1
     shadows.store(vol.snap_tree, slot, plane)
     vol.alloc.watch_reuse = True
     vol.snaps_dirty = True
@@ -253,8 +287,7 @@ def rename(vol: Volume, old: str, new: str) -> None:
         if table.find(new) is not None:
             raise SnapshotError(f"a snapshot named {new!r} already exists")
         slot, e = found
-        table.slots[slot] = SnapEntry(e.snap_id, new, e.guid, e.cp_count, e.created_ns,
-                                      *e.trees, flags=e.flags)
+        table.slots[slot] = replace(e, name=new)
         vol.snaps_dirty = True
         vol.cp(force=True)
 
@@ -271,20 +304,23 @@ def delete(vol: Volume, name: str) -> int:
         if entry.shadow:
             return _delete_shadow(vol, slot)
         free_before = vol.alloc.free if vol.alloc is not None else 0
-        gone = snapshot_plane(vol, entry)
+        gone = snapshot_plane(vol, entry).nonzero_blocks()
         del table.slots[slot]
-        others = [snapshot_plane(vol, e) for e in table.regular()]
+        # The other snapshots' union where the deleted plane had bits, read one plane
+        # file at a time into one scratch plane (engine/planefile.py).
+        rest = Plane.zeros(vol.nblocks)
+        for e in table.regular():
+            planefile.or_into(rest, vol.io, e.active_plane, only=gone)
         summary = vol.summary_plane
         released: list[np.ndarray] = []
-        for pb in gone.nonzero_blocks().tolist():
-            words = np.zeros(512, dtype=np.uint64)
-            for p in others:
-                words |= p.words[pb * 512 : (pb + 1) * 512]
-            if not np.array_equal(summary.words[pb * 512 : (pb + 1) * 512], words):
-                held = summary.words[pb * 512 : (pb + 1) * 512] & ~words
-                held &= ~vol.active_plane.words[pb * 512 : (pb + 1) * 512]
-                released.append(bit_positions(held) + np.uint64(pb * 512 * 64))
-                summary.words[pb * 512 : (pb + 1) * 512] = words
+        for pb in gone.tolist():
+            sl = slice(pb * WORDS_PER_PLANE_BLOCK, (pb + 1) * WORDS_PER_PLANE_BLOCK)
+            words = rest.words[sl]
+            if not np.array_equal(summary.words[sl], words):
+                held = summary.words[sl] & ~words
+                held &= ~vol.active_plane.words[sl]
+                released.append(bit_positions(held) + np.uint64(pb * BITS_PER_PLANE_BLOCK))
+                summary.words[sl] = words
                 summary.mark_dirty(pb)
         assert vol.alloc is not None
         # The committed root still lists the snapshot until this CP lands: its blocks are
@@ -310,29 +346,64 @@ def _delete_shadow(vol: Volume, slot: int) -> int:
     return 0
 
 
+INFO_RANGE_BYTES = 16 << 20
+"""At most this many plane bytes of all snapshots together (and at most about one plane)
+are held at once by `infos`: the snapshot count sets how many plane blocks each range
+covers, so the memory does not grow with it."""
+
+
 def infos(vol: Volume) -> list[SnapshotInfo]:
     """Every snapshot with the space deleting it alone would free: blocks held by that
-    snapshot and by no other snapshot and not by the active file system."""
+    snapshot and by no other snapshot and not by the active file system.
+
+    One pass over the planes, a range of plane blocks at a time: each snapshot's stored
+    blocks in the range are read once, folded into the "seen once / seen twice" pair of
+    bitmaps and kept until the range is counted, so the memory is about one plane (the
+    range) plus each plane file's list of stored blocks, whatever the snapshot count."""
     with vol.mutex:
         entries = vol.snapshots.regular()
-        planes = [snapshot_plane(vol, e) for e in entries]
-        ones = np.zeros_like(vol.active_plane.words)
-        twos = np.zeros_like(ones)
-        for p in planes:
-            twos |= ones & p.words
-            ones |= p.words
-        only_one = ones & ~twos & ~vol.active_plane.words
-        out = []
-        for e, p in zip(entries, planes, strict=True):
-            uniq = int(np.bitwise_count(p.words & only_one).sum())
-            out.append(SnapshotInfo(e.name, str(uuidlib.UUID(bytes=e.guid)), e.snap_id,
-                                    e.cp_count, e.created_ns, uniq, replica=e.replica))
-        for e in vol.snapshots.entries():
-            if e.shadow:
-                out.append(SnapshotInfo(e.name, str(uuidlib.UUID(bytes=e.guid)), e.snap_id,
-                                        e.cp_count, e.created_ns, 0, shadow=True))
+        trees = [planefile.open_plane(vol.io, e.active_plane) for e in entries]
+        stored = []
+        for tree in trees:  # which plane blocks each file stores: ranges of holes cost nothing
+            stored.append(tree.mapped_fbns())
+            tree.trim_cache(keep=0)
+        uniq = [0] * len(entries)
+        active = vol.active_plane.words.reshape(-1, WORDS_PER_PLANE_BLOCK)
+        pbs = vol.active_plane.plane_blocks
+        budget = min(INFO_RANGE_BYTES, max(1 << 20, pbs * PLANE_BLOCK_BYTES))
+        fit = max(1, budget // (max(1, len(entries)) * PLANE_BLOCK_BYTES))
+        step = min(planefile.RANGE_BLOCKS, 1 << (fit.bit_length() - 1))  # divides 256
+        for first in range(0, pbs, step):
+            count = min(step, pbs - first)
+            ones = np.zeros((count, WORDS_PER_PLANE_BLOCK), dtype=WORD)
+            twos = np.zeros_like(ones)
+            held = []
+            for i, (tree, fbns) in enumerate(zip(trees, stored, strict=True)):
+                lo, hi = np.searchsorted(fbns, [first, first + count])
+                if lo == hi:
+                    continue
+                at, words = planefile.present_rows(tree, first, count)
+                twos[at] |= ones[at] & words
+                ones[at] |= words
+                held.append((i, at, words))
+            if held:
+                only_one = ones & ~twos & ~active[first : first + count]
+                for i, at, words in held:
+                    uniq[i] += int(np.bitwise_count(words & only_one[at]).sum())
+            if (first + count) % planefile.RANGE_BLOCKS == 0:
+                for tree in trees:  # done with this level-1 block's pointers
+                    tree.trim_cache(keep=0)
+        out = [_info(e, n) for e, n in zip(entries, uniq, strict=True)]
+        out += [_info(e, 0) for e in vol.snapshots.entries() if e.shadow]
         out.sort(key=lambda i: (i.cp_count, i.snap_id))
         return out
+
+
+def _info(e: SnapEntry, reclaimable: int) -> SnapshotInfo:
+    target = None if e.replica_for == NO_VOLUME else str(uuidlib.UUID(bytes=e.replica_for))
+    return SnapshotInfo(e.name, str(uuidlib.UUID(bytes=e.guid)), e.snap_id, e.cp_count,
+                        e.created_ns, reclaimable, shadow=e.shadow, replica=e.replica,
+                        received=e.received, replica_for=target)
 
 
 def restore(vol: Volume, name: str) -> None:

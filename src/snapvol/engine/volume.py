@@ -284,7 +284,8 @@ class Volume:
         self.active_tree = tree_of(self.io, self.root.active_plane, space)
         self.summary_tree = tree_of(self.io, self.root.summary_plane, space)
         self.snap_tree = tree_of(self.io, self.root.snap_table, space)
-        self.snapshots = SnapshotTable.load(self.snap_tree, self.root.snap_table.nblocks)
+        self.snapshots = SnapshotTable.load(self.snap_tree, self.root.snap_table.nblocks,
+                                            self.root.next_snap_id)
         if self.alloc is not None:
             self.alloc.watch_reuse = bool(self.snapshots.shadow_slots())
         self.snaps_dirty = False

@@ -41,7 +41,7 @@ from dataclasses import dataclass, replace
 from typing import Protocol, runtime_checkable
 
 from snapvol.device import ImageDevice
-from snapvol.engine import shadows, snapshots
+from snapvol.engine import planefile, shadows, snapshots
 from snapvol.engine.image import Image
 from snapvol.engine.snapshots import SnapshotTable
 from snapvol.engine.volume import Volume, root_of, tree_vbns
@@ -49,8 +49,9 @@ from snapvol.errors import LockedError, VolumeError
 from snapvol.image.sender import Progress
 from snapvol.layout.constants import BLOCK_SIZE, ROOT_INO
 from snapvol.layout.records import RECEIVE_UPDATING
-from snapvol.layout.snaptable import SnapEntry
+from snapvol.layout.snaptable import SNAP_IN_USE, SNAP_RECEIVED, SNAP_REPLICA, SnapEntry
 from snapvol.planes import Plane, difference, intersection, union
+from snapvol.planes.algebra import difference_into
 from snapvol.streams.imagestream import (
     HDR_RESUMED,
     HEADER_PAYLOAD,
@@ -302,11 +303,17 @@ class _Checkpointer:
             raise err
 
 
-def receive(vol: Volume, chunks: Source, progress: Progress | None = None
-            ) -> ReceiveResult:
+def receive(vol: Volume, chunks: Source, progress: Progress | None = None,
+            drop_local: bool = False) -> ReceiveResult:
     """Apply an image stream to `vol` (open writable, e.g. by `open_for_receive`).
     `chunks` is the stream as chunks of any size, or a raw readable file (faster: each
-    record is read into its own buffer and nothing is copied on the way to the device)."""
+    record is read into its own buffer and nothing is copied on the way to the device).
+
+    The destination's table becomes the stream's: its snapshots the stream does not
+    bring go. Those it received may go (the source deleted them); one taken on the
+    destination itself is dropped only with `drop_local`, and otherwise the receive is
+    refused before anything changes (DESIGN.md §9). Every dropped snapshot is named in
+    the result."""
     if not vol.writable or vol.alloc is None:
         raise VolumeError(f"{vol.path} is open read-only; a receive writes to it")
     dec = Decoder()
@@ -327,7 +334,7 @@ def receive(vol: Volume, chunks: Source, progress: Progress | None = None
                 "image, or a new one with --create")
         selection = selection.resized(vol.nblocks)
     with vol.mutex:
-        resumed, dropped = _admit(vol, header, items, selection)
+        resumed, dropped = _admit(vol, header, items, selection, drop_local)
     done_before = vol.receive_done if resumed else 0
     total = dec.offset + count_from(selection, header.resume_from) * (BLOCK_SIZE + 1)
     written_to, pending, nblocks = done_before, 0, 0
@@ -382,8 +389,31 @@ def _checkpoint(vol: Volume, written_to: int) -> None:
         vol.cp(force=True)
 
 
+def leaving(vol: Volume, kept: set[bytes]) -> list[SnapEntry]:
+    """The snapshots of `vol` that a receive bringing the regular snapshots with GUIDs
+    `kept` drops: every other one, and every shadow (see `_switch`)."""
+    return [e for e in vol.snapshots.entries() if e.shadow or e.guid not in kept]
+
+
+def refuse_local_drops(vol: Volume, going: list[SnapEntry], source: str = "the source"
+                       ) -> None:
+    """Refuse (naming them) to drop snapshots taken on `vol` itself: their data may exist
+    nowhere else (a failback after the volume diverged, say)."""
+    local = [e.name for e in going if not e.received]
+    if local:
+        names = ", ".join(repr(n) for n in local)
+        raise VolumeError(
+            f"{vol.path} holds snapshot(s) {names} taken there, which {source} does not hold "
+            "and this receive would drop; copy out what you need (snapvol get "
+            f"{vol.path} PATH DEST --snapshot NAME), then run again with --drop-local")
+
+
+def _stream_kept(items: tuple[TableItem, ...]) -> set[bytes]:
+    return {i.entry.guid for i in items if not i.entry.shadow}
+
+
 def _admit(vol: Volume, header: StreamHeader, items: tuple[TableItem, ...],
-           selection: Plane) -> tuple[bool, list[str]]:
+           selection: Plane, drop_local: bool) -> tuple[bool, list[str]]:
     """Check the stream against the destination and, for a new receive, pin its blocks.
     Returns (resuming?, destination snapshots dropped). Raises before writing anything."""
     path = vol.path
@@ -410,6 +440,8 @@ def _admit(vol: Volume, header: StreamHeader, items: tuple[TableItem, ...],
             raise StreamError(f"the stream resumes at block {header.resume_from} but {path} "
                               f"holds the blocks below {vol.receive_done} only; send with "
                               f"--resume {token}")
+        if not drop_local:
+            refuse_local_drops(vol, leaving(vol, _stream_kept(items)))
         return True, []
     if header.resume_from:
         raise StreamError(f"the stream finishes an interrupted receive, but {path} has none "
@@ -426,14 +458,14 @@ def _admit(vol: Volume, header: StreamHeader, items: tuple[TableItem, ...],
         raise VolumeError(f"{path} is not empty: a full stream goes to an empty volume (no "
                           "files, no snapshots); receive into a new image with --create, "
                           "or send an increment from a snapshot both hold")
-    stream_guids = {i.entry.guid for i in items}
+    going = leaving(vol, _stream_kept(items))
+    if not drop_local:
+        refuse_local_drops(vol, going)
     dropped = []
-    for e in table.entries():
-        if e.guid in stream_guids:
-            continue
-        # The source no longer holds it, so it may have reused its blocks: it must go
-        # before they are overwritten (it would go at the switch anyway).
-        if e.shadow or intersection(_plane(vol, e), selection).count():
+    for e in going:
+        # The source does not hold it, so it may have reused its blocks: it must go
+        # before they are overwritten (it goes at the switch anyway).
+        if e.shadow or planefile.overlaps(vol.io, e.active_plane, selection):
             snapshots.delete(vol, e.name)
             dropped.append(e.name)
     alloc = vol.alloc
@@ -543,46 +575,62 @@ def _replace_words(plane: Plane, new: Plane) -> None:
 
 def _switch(vol: Volume, items: tuple[TableItem, ...]) -> tuple[SnapEntry, str | None,
                                                                 list[str]]:
-    """The one CP that makes the received snapshot the destination's state."""
+    """The one CP that makes the received snapshot the destination's state. Returns the
+    received snapshot's entry, the base's name and the destination snapshots dropped.
+
+    The new table is the stream's: a snapshot the destination already holds (by GUID,
+    regular on both sides) keeps its own entry (its id and flags) under the source's
+    name; every other entry arrives with the received flag and a new id of this volume,
+    since the source's ids may be ids this volume used before (FUSE inode numbers are
+    made from them). The destination's other snapshots are dropped."""
     alloc = vol.alloc
     assert alloc is not None
     vol.cp()
-    by_guid = {e.guid: e for e in vol.snapshots.slots.values()}
-    top = next(i.entry for i in items if i.role == ROLE_TOP)
+    table = vol.snapshots
+    by_guid = {e.guid: e for e in table.slots.values() if not e.shadow}
+    top_guid = next(i.entry.guid for i in items if i.role == ROLE_TOP)
     base_name = None
     entries: list[SnapEntry] = []
-    dropped: list[str] = []
+    arrived: list[SnapEntry] = []
     for item in items:
         e = item.entry
-        if item.role in (ROLE_BASE, ROLE_HELD):
-            mine = by_guid.get(e.guid)
-            if mine is None or mine.shadow or e.shadow:
-                # Never received here, so its blocks are not all here; or a shadow base,
-                # whose blocks the increment may have overwritten (R6).
-                dropped.append(e.name)
-                continue
+        mine = by_guid.get(e.guid)
+        if item.role in (ROLE_BASE, ROLE_HELD) and (mine is None or e.shadow):
+            # Never received here, so its blocks are not all here; or a shadow base,
+            # whose blocks the increment may have overwritten (R6).
+            continue
+        if mine is not None and not e.shadow:
             e = replace(mine, name=e.name)
             if item.role == ROLE_BASE:
                 base_name = e.name
-        entries.append(e)
+            entries.append(e)
+        else:
+            arrived.append(e)
+    # New ids in CP order, so ids keep sorting the way the snapshots were taken.
+    arrived.sort(key=lambda e: e.cp_count)
+    for e in arrived:
+        flags = (e.flags & (SNAP_IN_USE | SNAP_REPLICA)) | SNAP_RECEIVED
+        entries.append(replace(e, snap_id=table.take_id(), flags=flags))
     entries.sort(key=lambda e: (e.cp_count, e.snap_id))
+    kept = {e.guid for e in entries}
+    dropped = [e.name for e in table.entries() if e.shadow or e.guid not in kept]
+    top = next(e for e in entries if e.guid == top_guid)
     new_active = _plane(vol, top)
     for r in (top.active_plane, top.summary_plane, top.snap_table):
         new_active.clear_many(tree_vbns(vol.io, r))
     new_active.set_range(0, 3)
     for tree in (vol.active_tree, vol.summary_tree, vol.snap_tree, vol.receive_tree):
         new_active.set_many(tree_vbns(vol.io, root_of(tree, 0)))
-    planes = [_plane(vol, e) for e in entries]
-    new_summary = union(*planes)
-    old_busy = union(vol.active_plane, vol.summary_plane)
-    gone = difference(old_busy, union(new_active, new_summary))
+    new_summary = planefile.union_of(vol.io, [e.active_plane for e in entries], vol.nblocks)
+    gone = union(vol.active_plane, vol.summary_plane)
+    difference_into(gone, union(new_active, new_summary))
     _replace_words(vol.active_plane, new_active)
     _replace_words(vol.summary_plane, new_summary)
+    del new_active, new_summary
     alloc.free_many(gone.members())
-    for slot in vol.snapshots.shadow_slots():
+    for slot in table.shadow_slots():
         shadows.drop(vol.snap_tree, slot, vol.active_plane.plane_blocks)
-    next_id = max([vol.snapshots.next_id, *(e.snap_id + 1 for e in entries)])
-    vol.snapshots = SnapshotTable(dict(enumerate(entries)), next_id)
+    vol.snapshots = SnapshotTable(dict(enumerate(entries)), table.next_id)
     alloc.watch_reuse = False
     vol.snaps_dirty = True
     vol.active = Image(vol.io, top.inode_file, alloc, vol._admit)

@@ -4,12 +4,22 @@ Each run (the reference's §5.4, with the destination's newest master matched by
 
 1. finishes a partial receive DST holds, from the resume token (if SRC no longer holds
    what it was bringing, the partial receive is discarded);
-2. takes a new snapshot on SRC, marked as a replication snapshot;
+2. takes a new snapshot on SRC, marked as a replication snapshot *for DST*: its entry
+   records DST's volume UUID (`SnapEntry.replica_for`) and its name carries the UUID's
+   first 8 hex digits (`replica-1a2b3c4d-<UTC time>`);
 3. finds the newest snapshot both hold, by GUID (the one the last run left), and sends the
    increment from it, or a full stream when there is none (DST new or empty);
-4. retires, on both sides, the older replication snapshots it made itself: each side keeps
-   the one the next run starts from. User snapshots are never touched here (DST drops the
-   ones SRC no longer holds, as every receive does).
+4. retires, on both sides, the older replication snapshots made for DST: each side keeps
+   the one the next run starts from. Replication snapshots made for other destinations
+   are not touched, so one source can keep any number of mirrors current; neither are
+   user snapshots (DST drops the received ones SRC no longer holds, as every receive does,
+   and refuses to drop its own unless told to with `drop_local`).
+
+A replication snapshot is recognised by the UUID in its entry, not by its name, so a
+renamed one still counts. A run also retires the replication snapshots DST made for SRC
+(taken on DST, for a replicate the other way, as in a failback): a later run that way
+starts from this run's snapshot, the newest both hold. One made before the UUID was
+recorded (all zero) is retired by the first run that starts from it.
 
 A run that stops anywhere leaves both volumes consistent: before the switch DST keeps its
 previous state and a partial receive the next run finishes; after it, at worst an older
@@ -30,14 +40,16 @@ from snapvol.errors import SnapvolError
 from snapvol.image.receiver import (
     ReceiveResult,
     abort,
+    leaving,
     open_for_receive,
     pending_snapshot,
     receive,
+    refuse_local_drops,
     resume_token,
 )
 from snapvol.image.sender import Progress, plan, stream_plan
 from snapvol.layout.constants import BLOCK_SIZE, ROOT_INO
-from snapvol.layout.snaptable import SnapEntry
+from snapvol.layout.snaptable import NO_VOLUME, SnapEntry
 from snapvol.streams.imagestream import decode_token
 
 PREFIX = "replica-"
@@ -57,7 +69,7 @@ class ReplicateResult:
     resumed: str | None = None  # the snapshot whose partial receive this run finished
     discarded: str | None = None  # a partial receive that could not be finished
     retired: list[str] = field(default_factory=list)  # replication snapshots deleted
-    dropped: list[str] = field(default_factory=list)  # DST snapshots SRC no longer holds
+    dropped: list[str] = field(default_factory=list)  # DST snapshots SRC does not hold
 
 
 def _by_guid(vol: Volume, guid: bytes) -> SnapEntry | None:
@@ -66,27 +78,27 @@ def _by_guid(vol: Volume, guid: bytes) -> SnapEntry | None:
     return found[0] if found else None
 
 
-def _new_name(vol: Volume) -> str:
+def _new_name(vol: Volume, target: bytes) -> str:
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S.%fZ")
-    name, n = f"{PREFIX}{stamp}", 1
+    name, n = f"{PREFIX}{target.hex()[:8]}-{stamp}", 1
     while vol.snapshots.find(name) is not None:
         n += 1
-        name = f"{PREFIX}{stamp}-{n}"
+        name = f"{PREFIX}{target.hex()[:8]}-{stamp}-{n}"
     return name
 
 
 def _transfer(src: Volume, dst_path: str, snap: str, base: str | None, token: str | None,
-              progress: Progress | None) -> ReceiveResult:
+              progress: Progress | None, drop_local: bool) -> ReceiveResult:
     p = plan(src, snap, base, token)
     dst = open_for_receive(dst_path)
     try:
-        return receive(dst, stream_plan(src, p), progress)
+        return receive(dst, stream_plan(src, p), progress, drop_local)
     finally:
         dst.close()
 
 
 def _resume(src: Volume, dst_path: str, out: ReplicateResult,
-            progress: Progress | None) -> None:
+            progress: Progress | None, drop_local: bool) -> None:
     """Finish (or, when it cannot be finished, discard) DST's partial receive."""
     dst = open_for_receive(dst_path)
     try:
@@ -102,7 +114,8 @@ def _resume(src: Volume, dst_path: str, out: ReplicateResult,
             return
     finally:
         dst.close()
-    got = _transfer(src, dst_path, snap.name, base.name if base else None, token, progress)
+    got = _transfer(src, dst_path, snap.name, base.name if base else None, token, progress,
+                    drop_local)
     out.resumed = got.snapshot
     out.blocks += got.blocks
     out.nbytes += got.nbytes
@@ -117,18 +130,24 @@ def _common(src: Volume, dst: Volume) -> SnapEntry | None:
     return both[-1] if both else None
 
 
-def _retire(vol: Volume, keep: bytes) -> list[str]:
+def _retire(vol: Volume, target: bytes, keep: bytes, also: set[bytes]) -> list[str]:
+    """Delete `vol`'s replication snapshots made for volume `target`, except `keep` (the
+    one the next run starts from), and those with GUIDs in `also` (see `_run`)."""
     gone = []
     for e in vol.snapshots.entries():
-        if e.replica and e.guid != keep:
+        if not e.replica or e.guid == keep:
+            continue
+        if e.replica_for == target or e.guid in also:
             snapshots.delete(vol, e.name)
             gone.append(e.name)
     return gone
 
 
 def replicate(src_path: str, dst_path: str, create: bool = False,
-              progress: Progress | None = None) -> ReplicateResult:
-    """Bring DST up to a new snapshot of SRC (see the module docstring)."""
+              progress: Progress | None = None, drop_local: bool = False) -> ReplicateResult:
+    """Bring DST up to a new snapshot of SRC (see the module docstring). DST's own
+    snapshots (taken there, not received) that SRC does not hold are dropped only with
+    `drop_local`; otherwise the run refuses before it changes anything."""
     t0 = time.monotonic()
     if os.path.realpath(src_path) == os.path.realpath(dst_path):
         raise ReplicateError(f"{src_path} and {dst_path} are the same image")
@@ -140,17 +159,17 @@ def replicate(src_path: str, dst_path: str, create: bool = False,
             Volume.create(dst_path, src.nblocks * BLOCK_SIZE).close()
             made = True
         try:
-            out = _run(src, dst_path, progress)
+            out, target, also = _run(src, dst_path, progress, drop_local)
         except BaseException:
             if made:
                 _remove_if_untouched(dst_path)
             raise
-        out.retired += _retire(src, _guid_of(src, out.snapshot))
+        out.retired += _retire(src, target, _guid_of(src, out.snapshot), also)
     # As a receive does: readers (a read-only mount of the mirror) may go on reading, since
     # deleting a snapshot is one more CP that writes free blocks and switches the root.
     with open_for_receive(dst_path) as dst:
         out.retired += [f"{name} (on {dst_path})"
-                        for name in _retire(dst, _guid_of(dst, out.snapshot))]
+                        for name in _retire(dst, target, _guid_of(dst, out.snapshot), also)]
     out.seconds = time.monotonic() - t0
     return out
 
@@ -159,23 +178,40 @@ def _guid_of(vol: Volume, name: str) -> bytes:
     return vol.snapshots.get(name).guid
 
 
-def _run(src: Volume, dst_path: str, progress: Progress | None) -> ReplicateResult:
+def _run(src: Volume, dst_path: str, progress: Progress | None, drop_local: bool
+         ) -> tuple[ReplicateResult, bytes, set[bytes]]:
+    """The transfer; returns its result, DST's volume UUID and the GUIDs of the other
+    replication snapshots this run makes obsolete: those DST made for SRC (a replicate
+    the other way, as in a failback: the next one that way starts from this run's
+    snapshot, the newest both hold) and a legacy one (no destination recorded) that this
+    run started from."""
     out = ReplicateResult("", None)
-    _resume(src, dst_path, out, progress)
+    _resume(src, dst_path, out, progress, drop_local)
     with Volume.open(dst_path, writable=False) as dst:
+        target = dst.sb.uuid
+        also = {e.guid for e in dst.snapshots.entries()
+                if e.replica and e.replica_for == src.sb.uuid and not e.received}
         common = _common(src, dst)
         if common is None and not _is_empty(dst):
             raise ReplicateError(
                 f"{dst_path} holds no snapshot of {src.path} but is not empty: it is not a "
                 "mirror of it; replicate into a new image with --create")
-    name = _new_name(src)
-    snapshots.create(src, name, replica=True)
-    got = _transfer(src, dst_path, name, common.name if common else None, None, progress)
+        if not drop_local:
+            # What the receive would refuse, found before the new snapshot is taken: the
+            # stream will carry every regular snapshot SRC holds.
+            refuse_local_drops(dst, leaving(dst, {e.guid for e in src.snapshots.regular()}),
+                               src.path)
+    name = _new_name(src, target)
+    snapshots.create(src, name, replica_for=target)
+    got = _transfer(src, dst_path, name, common.name if common else None, None, progress,
+                    drop_local)
     out.snapshot, out.base = got.snapshot, got.base
     out.blocks += got.blocks
     out.nbytes += got.nbytes
     out.dropped += got.dropped
-    return out
+    if common is not None and common.replica and common.replica_for == NO_VOLUME:
+        also.add(common.guid)
+    return out, target, also
 
 
 def _is_empty(vol: Volume) -> bool:

@@ -21,12 +21,13 @@ from typing import IO
 import numpy as np
 import numpy.typing as npt
 
-from snapvol.engine import shadows
+from snapvol.engine import planefile, shadows
 from snapvol.engine.snapshots import SnapshotError, snapshot_plane
 from snapvol.engine.volume import Volume, tree_of
 from snapvol.layout.constants import BLOCK_SIZE, FIRST_DATA_VBN
 from snapvol.layout.snaptable import SnapEntry
-from snapvol.planes import Plane, difference, intersection, union
+from snapvol.planes import Plane
+from snapvol.planes.algebra import difference_into, runs
 from snapvol.streams.imagestream import (
     END_PAYLOAD,
     HDR_INCREMENTAL,
@@ -103,8 +104,10 @@ def _choose(vol: Volume, snap: str, base: str | None) -> tuple[list[TableItem], 
                                 "stream goes from an older snapshot to a newer one")
         flags |= HDR_INCREMENTAL | (HDR_SHADOW_BASE if base_entry.shadow else 0)
     items = [TableItem(ROLE_TOP, top)]
-    sent = [snapshot_plane(vol, top)]
-    held: list[tuple[int, Plane]] = []
+    # The planes are read one file at a time into at most three planes (selection, the
+    # held union, BASE's), however many snapshots the volume holds (engine/planefile.py).
+    selection = snapshot_plane(vol, top)
+    held: list[int] = []
     for e in table.regular():
         if e.cp_count >= top.cp_count or e.guid == top.guid:
             continue
@@ -112,35 +115,32 @@ def _choose(vol: Volume, snap: str, base: str | None) -> tuple[list[TableItem], 
             continue
         if base_entry is None or e.cp_count > base_entry.cp_count:
             items.append(TableItem(ROLE_CARRIED, e))
-            sent.append(snapshot_plane(vol, e))
+            planefile.or_into(selection, vol.io, e.active_plane)
         else:
             items.append(TableItem(ROLE_HELD, e))
-            held.append((len(items) - 1, snapshot_plane(vol, e)))
-    selection = union(*sent)
+            held.append(len(items) - 1)
     if base_entry is not None:
         items.append(TableItem(ROLE_BASE, base_entry))
-        selection = difference(selection, entry_plane(vol, base_entry))
-        for i, plane in held:
+        difference_into(selection, entry_plane(vol, base_entry))
+        held_union = Plane.zeros(vol.nblocks)
+        for i in held:
+            plane = items[i].entry.active_plane
             # Held snapshots' blocks are in BASE unless a restore brought them back; then
             # the destination must hold that snapshot, as the stream leaves them out.
-            if intersection(selection, plane).count():
+            if planefile.overlaps(vol.io, plane, selection):
                 items[i] = replace(items[i], required=True)
-        if held:
-            selection = difference(selection, union(*(plane for _, plane in held)))
+            planefile.or_into(held_union, vol.io, plane)
+        difference_into(selection, held_union)
     # The superblock and the root slots belong to each volume; never sent.
     selection.clear_range(0, FIRST_DATA_VBN)
     return items, selection, flags
 
 
-def _records(members: npt.NDArray[np.uint64]) -> tuple[npt.NDArray[np.uint64],
-                                                       npt.NDArray[np.int64]]:
-    """Split sorted VBNs into BLOCKS records: contiguous runs cut at MAX_RUN blocks."""
-    if members.size == 0:
+def _records(run_starts: npt.NDArray[np.uint64], run_lens: npt.NDArray[np.int64]
+             ) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.int64]]:
+    """Split runs of VBNs into BLOCKS records of at most MAX_RUN blocks."""
+    if run_starts.size == 0:
         return np.zeros(0, dtype=np.uint64), np.zeros(0, dtype=np.int64)
-    brk = np.flatnonzero(np.diff(members) != 1) + 1
-    heads = np.concatenate(([0], brk))
-    run_starts = members[heads]
-    run_lens = np.diff(np.concatenate((heads, [members.size]))).astype(np.int64)
     nrec = (run_lens + MAX_RUN - 1) // MAX_RUN
     first = np.repeat(np.cumsum(nrec) - nrec, nrec)
     k = np.arange(int(nrec.sum()), dtype=np.int64) - first
@@ -167,17 +167,15 @@ def plan(vol: Volume, snap: str, base: str | None = None,
         if resume_from > vol.nblocks:
             raise SnapshotError("resume token points past the end of the volume")
         flags |= HDR_RESUMED
-    members = selection.members()
-    if resume_from:
-        members = members[members >= np.uint64(resume_from)]
-    starts, counts = _records(members)
+    # From runs of the selection, not from a VBN per selected block (8 bytes a block).
+    starts, counts = _records(*runs(selection, resume_from))
     header = StreamHeader(vol.sb.uuid, vol.nblocks, top.guid, base_guid, selection.count(),
                           resume_from, flags, len(items), time.time_ns())
     nonzero = int(selection.nonzero_blocks().size)
     full, rest = divmod(nonzero, MAX_PLANE_RUN)
     plane_bytes = full * record_size(plane_record_payload(MAX_PLANE_RUN))
     plane_bytes += record_size(plane_record_payload(rest)) if rest else 0
-    nblocks = int(members.size)
+    nblocks = int(counts.sum())
     nbytes = (record_size(HEADER_PAYLOAD) + record_size(table_payload(len(items)))
               + plane_bytes + len(starts) * record_size(blocks_record_payload(0))
               + nblocks * BLOCK_SIZE + record_size(END_PAYLOAD))

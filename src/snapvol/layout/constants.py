@@ -19,6 +19,7 @@ INODE_DIRECT = 8  # top-level pointers held in an inode
 
 MAX_NAME = 255
 MAX_SNAPSHOTS = 255
+MAX_SNAP_ID = (1 << 24) - 1  # snapshot ids are never reused; FUSE keeps them in 24 bits
 SNAP_ENTRY_SIZE = 512
 SNAP_ENTRIES_PER_BLOCK = BLOCK_SIZE // SNAP_ENTRY_SIZE
 SNAP_TABLE_BLOCKS = (MAX_SNAPSHOTS + SNAP_ENTRIES_PER_BLOCK) // SNAP_ENTRIES_PER_BLOCK

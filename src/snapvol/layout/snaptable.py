@@ -4,6 +4,14 @@ An entry keeps the snapshot's identity (name, GUID, CP count, creation time) and
 of its image: the four trees of that CP's root record (inode file, active plane,
 summary plane, snapshot table). The snapshot's
 own bitplane is that plane file, read through the saved root (DESIGN.md §3.4).
+
+Two fields say where a snapshot belongs. `SNAP_RECEIVED` marks an entry that arrived in
+an image stream (the receive's switch sets it), as opposed to one taken on this volume: a
+receive may drop a received snapshot the source no longer holds, but never one taken
+here unless told to (DESIGN.md §9, "What stays local"). `replica_for` is the UUID of the
+volume a replication snapshot (`SNAP_REPLICA`) was made for, so each destination of
+`snapvol replicate` keeps its own and a run retires only that destination's older ones,
+whatever the snapshots were renamed to.
 """
 
 from __future__ import annotations
@@ -17,8 +25,14 @@ from snapvol.layout.records import TreeRoot
 SNAP_IN_USE = 1
 SNAP_SHADOW = 2
 SNAP_REPLICA = 4  # made by `snapvol replicate`, which may retire it (never a user's)
+SNAP_RECEIVED = 8  # arrived in an image stream (not taken on this volume)
+SNAP_KNOWN_FLAGS = SNAP_IN_USE | SNAP_SHADOW | SNAP_REPLICA | SNAP_RECEIVED
 
-_FMT = struct.Struct("<IHH16sQqQ")
+NO_VOLUME = bytes(16)
+"""`replica_for` of an entry that is no replication snapshot, or of one made before the
+field existed (it is zero there)."""
+
+_FMT = struct.Struct("<IHH16sQqQ16s")
 _TREES_AT = 64
 _NAME_AT = 256
 
@@ -35,13 +49,14 @@ class SnapEntry:
     summary_plane: TreeRoot
     snap_table: TreeRoot
     flags: int = SNAP_IN_USE
+    replica_for: bytes = NO_VOLUME  # the destination's volume UUID, for SNAP_REPLICA
 
     def encode(self) -> bytes:
         raw = self.name.encode()
         if not 0 < len(raw) <= MAX_NAME:
             raise ValueError("snapshot name must be 1 to 255 bytes")
         head = _FMT.pack(self.flags, len(raw), 0, self.guid, self.cp_count, self.created_ns,
-                         self.snap_id)
+                         self.snap_id, self.replica_for)
         head += bytes(_TREES_AT - len(head))
         trees = b"".join(t.encode() for t in self.trees)
         body = head + trees
@@ -50,14 +65,14 @@ class SnapEntry:
 
     @classmethod
     def decode(cls, data: bytes | memoryview) -> SnapEntry | None:
-        flags, nlen, _pad, guid, cp, created, snap_id = _FMT.unpack_from(data)
+        flags, nlen, _pad, guid, cp, created, snap_id, replica_for = _FMT.unpack_from(data)
         if not flags & SNAP_IN_USE:
             return None
         ino, act, summ, snap = (
             TreeRoot.decode(data[_TREES_AT + i * TreeRoot.SIZE :]) for i in range(4)
         )
         name = bytes(data[_NAME_AT : _NAME_AT + nlen]).decode()
-        return cls(snap_id, name, guid, cp, created, ino, act, summ, snap, flags)
+        return cls(snap_id, name, guid, cp, created, ino, act, summ, snap, flags, replica_for)
 
     @property
     def shadow(self) -> bool:
@@ -68,6 +83,11 @@ class SnapEntry:
     def replica(self) -> bool:
         """Made by `snapvol replicate` for its own use."""
         return bool(self.flags & SNAP_REPLICA)
+
+    @property
+    def received(self) -> bool:
+        """Arrived in an image stream; False for a snapshot taken on this volume."""
+        return bool(self.flags & SNAP_RECEIVED)
 
     @property
     def trees(self) -> tuple[TreeRoot, TreeRoot, TreeRoot, TreeRoot]:
