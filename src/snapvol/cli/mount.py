@@ -20,6 +20,7 @@ import click
 from rich.table import Table
 
 from snapvol.cli.output import console, print_json, show_time
+from snapvol.engine.volume import MAX_CP_INTERVAL, MIN_CP_INTERVAL, check_cp_interval
 from snapvol.errors import SnapvolError
 from snapvol.fuse import registry
 from snapvol.fuse.control import ControlError, call
@@ -38,13 +39,26 @@ def remote(entry: MountEntry, op: str, **args: Any) -> Any:
     return call(entry, op, **args)
 
 
+def _cp_interval(ctx: click.Context, param: click.Parameter,
+                 value: float | None) -> float | None:
+    """Refuse what parses as a float but is no interval (nan, inf, 0, negative, 1e308)."""
+    if value is None:
+        return None
+    try:
+        return check_cp_interval(value)
+    except SnapvolError as err:
+        raise click.BadParameter(str(err), ctx, param) from None
+
+
 @click.command()
 @click.argument("image", type=click.Path(dir_okay=False))
 @click.argument("mountpoint", type=click.Path(file_okay=False))
 @click.option("--foreground", "-f", is_flag=True, help="Stay in the foreground (logs to stderr).")
 @click.option("--read-only", "-r", is_flag=True, help="Mount read-only (a shared lock).")
 @click.option("--cp-interval", type=float, default=None, metavar="SECONDS",
-              help="Commit a consistency point this often while changed (default 10).")
+              callback=_cp_interval,
+              help=f"Commit a consistency point this often while changed (default 10; "
+                   f"{MIN_CP_INTERVAL:g} to {MAX_CP_INTERVAL:g}).")
 @click.option("--allow-other", is_flag=True,
               help="Let other users in (needs user_allow_other in /etc/fuse.conf "
                    "unless run by root).")

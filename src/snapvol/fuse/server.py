@@ -31,7 +31,7 @@ import trio
 
 from snapvol.engine import snapshots
 from snapvol.engine.fsck import check
-from snapvol.engine.volume import Volume
+from snapvol.engine.volume import Volume, check_cp_interval
 from snapvol.errors import SnapvolError
 from snapvol.fuse import follow, readahead, registry
 from snapvol.fuse.control import (
@@ -233,8 +233,8 @@ def serve(image: str, mountpoint: str, *, read_only: bool = False,
     window for the mount's files (0: the kernel's default)."""
     image = os.path.abspath(image)
     mountpoint = os.path.realpath(mountpoint)
-    if cp_interval is not None and cp_interval <= 0:
-        raise MountError(f"--cp-interval {cp_interval}: must be a positive number of seconds")
+    if cp_interval is not None:
+        check_cp_interval(cp_interval)
     if not 0 <= readahead_kib <= readahead.MAX_KIB:
         raise MountError(f"--readahead {readahead_kib}: must be 0 (the kernel's default) to "
                          f"{readahead.MAX_KIB} KiB")
