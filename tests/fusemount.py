@@ -53,8 +53,9 @@ class Mount:
         self.snapvol("mount", str(self.image), str(self.path), *extra)
 
     def pid(self) -> int | None:
+        """The live mount process of this mount point (not the dead one of a stale mount)."""
         for entry in json.loads(self.snapvol("mounts", "--json").stdout):
-            if entry["mountpoint"] == str(self.path):
+            if entry["mountpoint"] == str(self.path) and entry.get("state", "live") == "live":
                 return int(entry["pid"])
         return None
 

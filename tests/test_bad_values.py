@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from fusemount import is_mounted
 from snapvol.engine.volume import MAX_CP_INTERVAL, MIN_CP_INTERVAL, Volume
 from snapvol.errors import VolumeError
 from snapvol.layout.constants import MAX_VOLUME_BLOCKS
@@ -97,8 +98,13 @@ def test_mount_refuses_cp_intervals_out_of_range(tmp_path: Path, value: str) -> 
     image, mnt = tmp_path / "v.img", tmp_path / "mnt"
     run("create", image, "--size", "8M")
     mnt.mkdir()
-    err = fails("mount", image, mnt, "--cp-interval", value, says="--cp-interval")
-    assert f"use {MIN_CP_INTERVAL:g} to {MAX_CP_INTERVAL:g} seconds" in err
+    try:
+        err = fails("mount", image, mnt, "--cp-interval", value, says="--cp-interval")
+        assert f"use {MIN_CP_INTERVAL:g} to {MAX_CP_INTERVAL:g} seconds" in err
+    finally:
+        if is_mounted(mnt):  # accepted after all: leave no mount process behind
+            run("unmount", "--force", mnt, code=None)
+            subprocess.run(["fusermount3", "-u", "-z", str(mnt)], check=False)
     assert os.listdir(mnt) == []
 
 
