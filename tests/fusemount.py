@@ -1,6 +1,7 @@
 """Real mounts for the FUSE tests: `snapvol mount` run as its own process, and a teardown
 that always leaves the mount point unmounted, even after a failed test or a killed mount
-process (fusermount3 -u, then a lazy unmount, then SIGKILL).
+process (fusermount3 -u, then a lazy unmount, then SIGKILL). At the end the mount logs
+go to `checklogs`: an ERROR line or a traceback the test did not declare fails it.
 
 Also the tree reader the tests compare a mount against a plain directory with.
 """
@@ -24,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+import checklogs
 
 SNAPVOL = [sys.executable, "-m", "snapvol.cli.main"]
 IMAGE_SIZE = "2G"
@@ -123,6 +126,8 @@ def mounted_volume(tmp: Path, *mount_args: str) -> Iterator[Mount]:
     finally:
         force_unmount(m)
         _active.remove(m)
+        for log in sorted(Path(run_dir).glob("*.log")):  # every image mounted meanwhile
+            checklogs.check_mount_log(log)
         shutil.rmtree(run_dir, ignore_errors=True)
 
 

@@ -130,7 +130,8 @@ def _detach(logfile: os.PathLike[str]) -> None:
     sys.stdout = open(1, "w", closefd=False)  # noqa: SIM115 (the process's own stdout)
     sys.stderr = open(2, "w", closefd=False)  # noqa: SIM115
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s snapvol mount[%(process)d]: %(message)s")
+                        format="%(asctime)s snapvol mount[%(process)d] %(levelname)s: "
+                               "%(message)s")
     os.chdir("/")
 
 
