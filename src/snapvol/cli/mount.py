@@ -23,7 +23,7 @@ from snapvol.engine.volume import MAX_CP_INTERVAL, MIN_CP_INTERVAL, check_cp_int
 from snapvol.errors import SnapvolError
 from snapvol.fuse import mounttable, registry
 from snapvol.fuse.control import ControlError, call
-from snapvol.fuse.readahead import DEFAULT_KIB
+from snapvol.fuse.readahead import DEFAULT_KIB, check_kib
 from snapvol.fuse.registry import MountEntry
 
 UNMOUNT_WAIT = 60.0
@@ -62,6 +62,7 @@ def _cp_interval(ctx: click.Context, param: click.Parameter,
               help="Let other users in (needs user_allow_other in /etc/fuse.conf "
                    "unless run by root).")
 @click.option("--readahead", type=int, default=DEFAULT_KIB, metavar="KIB", show_default=True,
+              callback=lambda ctx, param, value: check_kib(value),  # before any fork
               help="The kernel's readahead window for the mount's files, if run by root "
                    "(0: the kernel's default, 128).")
 def mount(image: str, mountpoint: str, foreground: bool, read_only: bool,
@@ -185,10 +186,14 @@ def _busy(mountpoint: str, refusal: str) -> str:
     see them (the mount process counts the open files of every process)."""
     kernel = mounttable.find(mountpoint)
     users = [] if kernel is None else mounttable.users(kernel, exclude=frozenset({os.getpid()}))
-    why = ", ".join(u.describe() for u in users) if users else refusal.partition(": ")[2]
-    return (f"{mountpoint} is busy: {why}; close what they hold there, or run "
-            f"`snapvol unmount --force {mountpoint}` to detach it after a last CP (their "
-            "later reads and writes then fail)")
+    force = (f"or run `snapvol unmount --force {mountpoint}` to detach it after a last CP "
+             "(their later reads and writes then fail)")
+    if users:
+        return (f"{mountpoint} is busy: {', '.join(u.describe() for u in users)}; stop them "
+                f"or close what they hold there, {force}")
+    detail = refusal.partition(": ")[2] or refusal
+    return (f"{mountpoint} is busy: {detail}, held by processes this user cannot see; "
+            f"close them, {force}")
 
 
 def _clear_stale(stale: registry.StaleMount) -> None:

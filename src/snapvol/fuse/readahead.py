@@ -14,12 +14,21 @@ from __future__ import annotations
 
 import os
 
+from snapvol.errors import SnapvolError
 from snapvol.fuse import mounttable
 
 DEFAULT_KIB = 1024
 """The window a mount asks for: one request of the largest size FUSE sends (max_pages)."""
 MAX_KIB = 64 << 10
 """A larger window only holds more memory in flight per reader."""
+
+
+def check_kib(kib: int) -> int:
+    """`kib` if it is a window a mount may ask for; SnapvolError naming the range."""
+    if not 0 <= kib <= MAX_KIB:
+        raise SnapvolError(f"--readahead {kib}: must be 0 (the kernel's default) to "
+                           f"{MAX_KIB} KiB")
+    return kib
 
 
 def device_of(mountpoint: str, mountinfo: str = mounttable.MOUNTINFO) -> str | None:

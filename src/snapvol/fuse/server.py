@@ -274,9 +274,7 @@ def serve(image: str, mountpoint: str, *, read_only: bool = False,
     mountpoint = os.path.realpath(mountpoint)
     if cp_interval is not None:
         check_cp_interval(cp_interval)
-    if not 0 <= readahead_kib <= readahead.MAX_KIB:
-        raise MountError(f"--readahead {readahead_kib}: must be 0 (the kernel's default) to "
-                         f"{readahead.MAX_KIB} KiB")
+    readahead.check_kib(readahead_kib)
     stale = registry.find_stale(mountpoint)
     if stale is not None:
         whose = "" if stale.image is None else f"of {stale.image}: "
