@@ -85,7 +85,7 @@ def force_unmount(m: Mount) -> None:
         pid = m.pid()
     if is_mounted(m.path):
         with contextlib.suppress(Exception):
-            m.snapvol("unmount", str(m.path), check=False, timeout=60)
+            m.snapvol("unmount", "--force", str(m.path), check=False, timeout=60)
     for args in (["fusermount3", "-u", str(m.path)], ["fusermount3", "-u", "-z", str(m.path)]):
         if not is_mounted(m.path):
             break
