@@ -68,9 +68,10 @@ def _cp_interval(ctx: click.Context, param: click.Parameter,
 def mount(image: str, mountpoint: str, foreground: bool, read_only: bool,
           cp_interval: float | None, allow_other: bool, readahead: int) -> None:
     """Mount the volume in IMAGE on MOUNTPOINT; snapshots appear under MOUNTPOINT/.snapshot."""
-    from snapvol.fuse.server import serve
+    from snapvol.fuse.server import check_mount, serve
 
     image, mountpoint = os.path.abspath(image), os.path.abspath(mountpoint)
+    check_mount(image, mountpoint)  # before the fork: a refusal is never the log's
     kwargs: dict[str, Any] = {"read_only": read_only, "cp_interval": cp_interval,
                               "allow_other": allow_other, "readahead_kib": readahead}
     if foreground:

@@ -263,13 +263,12 @@ class _Mount:
             nursery.cancel_scope.cancel()
 
 
-def serve(image: str, mountpoint: str, *, read_only: bool = False,
-          cp_interval: float | None = None, allow_other: bool = False,
-          readahead_kib: int = readahead.DEFAULT_KIB,
-          ready: Callable[[], None] = lambda: None) -> None:
-    """Mount `image` on `mountpoint` and serve it until unmounted or signalled. `ready` is
-    called once the mount answers requests. `readahead_kib` is the kernel's readahead
-    window for the mount's files (0: the kernel's default)."""
+def check_mount(image: str, mountpoint: str, cp_interval: float | None = None,
+                readahead_kib: int = readahead.DEFAULT_KIB) -> tuple[str, str]:
+    """Refuse a mount that cannot work, before anything is opened (`snapvol mount` asks
+    before it forks the mount process, so a refusal is the user's error line and never
+    the log's): the options, the mount point (a directory, not mounted, not a stale
+    mount) and the image (not mounted elsewhere). The image and mount point resolved."""
     image = os.path.abspath(image)
     mountpoint = os.path.realpath(mountpoint)
     if cp_interval is not None:
@@ -289,6 +288,17 @@ def serve(image: str, mountpoint: str, *, read_only: bool = False,
     if other is not None:
         raise MountError(f"{image} is already mounted on {other.mountpoint} "
                          f"(process {other.pid})")
+    return image, mountpoint
+
+
+def serve(image: str, mountpoint: str, *, read_only: bool = False,
+          cp_interval: float | None = None, allow_other: bool = False,
+          readahead_kib: int = readahead.DEFAULT_KIB,
+          ready: Callable[[], None] = lambda: None) -> None:
+    """Mount `image` on `mountpoint` and serve it until unmounted or signalled. `ready` is
+    called once the mount answers requests. `readahead_kib` is the kernel's readahead
+    window for the mount's files (0: the kernel's default)."""
+    image, mountpoint = check_mount(image, mountpoint, cp_interval, readahead_kib)
     sock = registry.socket_path(image)
     vol = Volume.open(image, writable=not read_only)
     try:
