@@ -3,6 +3,9 @@ and the fsck assertion every engine test ends with.
 
 Tests marked `long` are deselected unless `-m` is given (e.g. `pytest -m long`), so the
 default run stays quick while the heavy variants live next to the quick ones.
+
+Every test also runs under `checklogs`: an error snapvol logs that the test did not
+declare (`@pytest.mark.expect_log_errors(PATTERN)`) fails it.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ from snapvol.device import MemoryDevice
 from snapvol.engine.volume import Volume
 from snapvol.fs import FileSystem
 from snapvol.layout.constants import ROOT_INO
+
+pytest_plugins = ["checklogs"]
 
 # No per-example deadline anywhere: on a loaded 2-core CI machine a slow example is not a
 # failure, and a timing flake would hide the real ones.

@@ -1,6 +1,7 @@
 """Real mounts for the FUSE tests: `snapvol mount` run as its own process, and a teardown
 that always leaves the mount point unmounted, even after a failed test or a killed mount
-process (fusermount3 -u, then a lazy unmount, then SIGKILL).
+process (fusermount3 -u, then a lazy unmount, then SIGKILL). At the end the mount logs
+go to `checklogs`: an ERROR line or a traceback the test did not declare fails it.
 
 Also the tree reader the tests compare a mount against a plain directory with.
 """
@@ -24,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+import checklogs
 
 SNAPVOL = [sys.executable, "-m", "snapvol.cli.main"]
 IMAGE_SIZE = "2G"
@@ -53,8 +56,9 @@ class Mount:
         self.snapvol("mount", str(self.image), str(self.path), *extra)
 
     def pid(self) -> int | None:
+        """The live mount process of this mount point (not the dead one of a stale mount)."""
         for entry in json.loads(self.snapvol("mounts", "--json").stdout):
-            if entry["mountpoint"] == str(self.path):
+            if entry["mountpoint"] == str(self.path) and entry.get("state", "live") == "live":
                 return int(entry["pid"])
         return None
 
@@ -81,7 +85,7 @@ def force_unmount(m: Mount) -> None:
         pid = m.pid()
     if is_mounted(m.path):
         with contextlib.suppress(Exception):
-            m.snapvol("unmount", str(m.path), check=False, timeout=60)
+            m.snapvol("unmount", "--force", str(m.path), check=False, timeout=60)
     for args in (["fusermount3", "-u", str(m.path)], ["fusermount3", "-u", "-z", str(m.path)]):
         if not is_mounted(m.path):
             break
@@ -122,6 +126,8 @@ def mounted_volume(tmp: Path, *mount_args: str) -> Iterator[Mount]:
     finally:
         force_unmount(m)
         _active.remove(m)
+        for log in sorted(Path(run_dir).glob("*.log")):  # every image mounted meanwhile
+            checklogs.check_mount_log(log)
         shutil.rmtree(run_dir, ignore_errors=True)
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from snapvol.fuse import readahead, registry
+from snapvol.fuse import mounttable, readahead, registry
 from snapvol.fuse.control import ControlError, call, decode, encode
 from snapvol.fuse.inodes import FUSE_ROOT, SNAPDIR_INO, from_fuse, to_fuse
 from snapvol.layout.constants import FIRST_USER_INO, ROOT_INO
@@ -110,3 +110,41 @@ def test_readahead_writes_the_window_or_says_why_not(tmp_path: Path) -> None:
     assert why is not None and why.startswith("cannot write ") and "No such file" in why
     assert readahead.set_window(str(tmp_path), 512, str(sysfs)) == \
         f"nothing is mounted on {tmp_path}"
+
+
+def test_mount_users_are_found_as_fuser_does(tmp_path: Path) -> None:
+    """Open files by mount id, mapped files by device, working directories by path: a
+    process that only has a path that looks inside (another mount there) is no user."""
+    mnt = "/mnt/my vol"
+    mount = mounttable.KernelMount(40, (0, 41), mnt, "fuse.snapvol", ("user_id=0",))
+    proc = tmp_path / "proc"
+
+    def process(pid: int, comm: str, fds: dict[int, tuple[str, int]] | None = None,
+                cwd: str = "/", maps: str = "") -> None:
+        base = proc / str(pid)
+        (base / "fd").mkdir(parents=True)
+        (base / "fdinfo").mkdir()
+        (base / "comm").write_text(comm + "\n")
+        (base / "maps").write_text(maps)
+        (base / "cwd").symlink_to(cwd)
+        (base / "root").symlink_to("/")
+        for fd, (target, mnt_id) in (fds or {}).items():
+            (base / "fd" / str(fd)).symlink_to(target)
+            (base / "fdinfo" / str(fd)).write_text(f"pos:\t0\nflags:\t02\nmnt_id:\t{mnt_id}\n")
+
+    process(100, "writer", {3: (f"{mnt}/log", 40), 4: (f"{mnt}/b", 40), 5: ("/etc/x", 22)})
+    process(101, "shadowed", {3: (f"{mnt}/log", 39)})  # the mount below ours
+    process(102, "bash", cwd=f"{mnt}/sub")  # the directory cannot be looked at: counted
+    process(103, "viewer", maps="7f00-7f10 r--p 00000000 00:29 12 /other\n"
+                                 "7f10-7f20 r--p 00000000 00:29 13 " + mnt + "/lib.so\n")
+    process(104, "idle", {3: ("/dev/null", 22)}, cwd="/tmp", maps=(
+        "7f00-7f10 r--p 00000000 fe:00 12 /usr/lib/x.so\n"))
+    (proc / "self").mkdir()
+    found = mounttable.users(mount, exclude=frozenset({999}), proc=str(proc))
+    assert [(u.pid, u.command, u.uses) for u in found] == [
+        (100, "writer", ("has 2 open files in it",)),
+        (102, "bash", ("works in it",)),
+        (103, "viewer", ("maps a file of it",)),
+    ]
+    assert found[0].describe() == "process 100 (writer) has 2 open files in it"
+    assert mounttable.users(mount, exclude=frozenset({100, 102, 103}), proc=str(proc)) == []

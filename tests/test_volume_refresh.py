@@ -88,6 +88,7 @@ def test_refresh_follows_receives_and_keeps_state_on_failure(
         writer.refresh()
 
 
+@pytest.mark.expect_log_errors(r"^read: simulated: block 77 fails its checksum$")  # the EIO
 def test_a_mount_behind_a_receive_reports_reused_blocks_as_stale(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A read-only mount that has not loaded a receive's root yet may find its old blocks

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import subprocess
 import sys
 import time
 from typing import Any
@@ -20,10 +19,11 @@ import click
 from rich.table import Table
 
 from snapvol.cli.output import console, print_json, show_time
+from snapvol.engine.volume import MAX_CP_INTERVAL, MIN_CP_INTERVAL, check_cp_interval
 from snapvol.errors import SnapvolError
-from snapvol.fuse import registry
+from snapvol.fuse import mounttable, registry
 from snapvol.fuse.control import ControlError, call
-from snapvol.fuse.readahead import DEFAULT_KIB
+from snapvol.fuse.readahead import DEFAULT_KIB, check_kib
 from snapvol.fuse.registry import MountEntry
 
 UNMOUNT_WAIT = 60.0
@@ -38,25 +38,40 @@ def remote(entry: MountEntry, op: str, **args: Any) -> Any:
     return call(entry, op, **args)
 
 
+def _cp_interval(ctx: click.Context, param: click.Parameter,
+                 value: float | None) -> float | None:
+    """Refuse what parses as a float but is no interval (nan, inf, 0, negative, 1e308)."""
+    if value is None:
+        return None
+    try:
+        return check_cp_interval(value)
+    except SnapvolError as err:
+        raise click.BadParameter(str(err), ctx, param) from None
+
+
 @click.command()
 @click.argument("image", type=click.Path(dir_okay=False))
 @click.argument("mountpoint", type=click.Path(file_okay=False))
 @click.option("--foreground", "-f", is_flag=True, help="Stay in the foreground (logs to stderr).")
 @click.option("--read-only", "-r", is_flag=True, help="Mount read-only (a shared lock).")
 @click.option("--cp-interval", type=float, default=None, metavar="SECONDS",
-              help="Commit a consistency point this often while changed (default 10).")
+              callback=_cp_interval,
+              help=f"Commit a consistency point this often while changed (default 10; "
+                   f"{MIN_CP_INTERVAL:g} to {MAX_CP_INTERVAL:g}).")
 @click.option("--allow-other", is_flag=True,
               help="Let other users in (needs user_allow_other in /etc/fuse.conf "
                    "unless run by root).")
 @click.option("--readahead", type=int, default=DEFAULT_KIB, metavar="KIB", show_default=True,
+              callback=lambda ctx, param, value: check_kib(value),  # before any fork
               help="The kernel's readahead window for the mount's files, if run by root "
                    "(0: the kernel's default, 128).")
 def mount(image: str, mountpoint: str, foreground: bool, read_only: bool,
           cp_interval: float | None, allow_other: bool, readahead: int) -> None:
     """Mount the volume in IMAGE on MOUNTPOINT; snapshots appear under MOUNTPOINT/.snapshot."""
-    from snapvol.fuse.server import serve
+    from snapvol.fuse.server import check_mount, serve
 
     image, mountpoint = os.path.abspath(image), os.path.abspath(mountpoint)
+    check_mount(image, mountpoint)  # before the fork: a refusal is never the log's
     kwargs: dict[str, Any] = {"read_only": read_only, "cp_interval": cp_interval,
                               "allow_other": allow_other, "readahead_kib": readahead}
     if foreground:
@@ -117,7 +132,8 @@ def _detach(logfile: os.PathLike[str]) -> None:
     sys.stdout = open(1, "w", closefd=False)  # noqa: SIM115 (the process's own stdout)
     sys.stderr = open(2, "w", closefd=False)  # noqa: SIM115
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s snapvol mount[%(process)d]: %(message)s")
+                        format="%(asctime)s snapvol mount[%(process)d] %(levelname)s: "
+                               "%(message)s")
     os.chdir("/")
 
 
@@ -133,19 +149,28 @@ def _read_line(fd: int) -> str:
 
 @click.command()
 @click.argument("mountpoint", type=click.Path(file_okay=False))
-def unmount(mountpoint: str) -> None:
-    """Commit a last consistency point and unmount MOUNTPOINT."""
+@click.option("--force", is_flag=True,
+              help="Unmount even while programs use the mount: a last CP, then a lazy "
+                   "detach (their later reads and writes fail).")
+def unmount(mountpoint: str, force: bool) -> None:
+    """Commit a last consistency point and unmount MOUNTPOINT.
+
+    Refused while files are open in the mount or a program works in it (as umount does);
+    the error names the processes. A stale mount (its mount process was killed) is
+    detached."""
     entry = registry.find_mountpoint(mountpoint)
     if entry is None:
-        if os.path.ismount(mountpoint) and _is_fuse(mountpoint):
-            # A mount whose process died (SIGKILL): only the kernel's side is left.
-            _fusermount(mountpoint)
-            click.echo(f"unmounted {mountpoint} (its mount process was gone)")
-            return
-        raise SnapvolError(f"{mountpoint} is not a snapvol mount point (see `snapvol mounts`)")
+        stale = registry.find_stale(mountpoint)
+        if stale is None:
+            raise SnapvolError(f"{mountpoint} is not a snapvol mount point "
+                               "(see `snapvol mounts`)")
+        _clear_stale(stale)
+        return
     try:
-        call(entry, "unmount")
-    except ControlError:
+        call(entry, "unmount", force=force)
+    except ControlError as e:
+        if e.code == "EBUSY":
+            raise SnapvolError(_busy(entry.mountpoint, str(e))) from None
         if entry.alive:
             raise
     deadline = time.monotonic() + UNMOUNT_WAIT
@@ -157,40 +182,64 @@ def unmount(mountpoint: str) -> None:
     click.echo(f"unmounted {entry.mountpoint}")
 
 
-def _is_fuse(mountpoint: str) -> bool:
-    want = os.path.realpath(mountpoint)
-    with open("/proc/self/mounts") as f:
-        for line in f:
-            fields = line.split()
-            if len(fields) > 2 and fields[1] == want and fields[2].startswith("fuse"):
-                return True
-    return False
+def _busy(mountpoint: str, refusal: str) -> str:
+    """The refusal of a busy mount, naming the processes that use it where this user may
+    see them (the mount process counts the open files of every process)."""
+    kernel = mounttable.find(mountpoint)
+    users = [] if kernel is None else mounttable.users(kernel, exclude=frozenset({os.getpid()}))
+    force = (f"or run `snapvol unmount --force {mountpoint}` to detach it after a last CP "
+             "(their later reads and writes then fail)")
+    if users:
+        return (f"{mountpoint} is busy: {', '.join(u.describe() for u in users)}; stop them "
+                f"or close what they hold there, {force}")
+    detail = refusal.partition(": ")[2] or refusal
+    return (f"{mountpoint} is busy: {detail}, held by processes this user cannot see; "
+            f"close them, {force}")
 
 
-def _fusermount(mountpoint: str) -> None:
-    done = subprocess.run(["fusermount3", "-u", "-z", mountpoint], capture_output=True,
-                          text=True, check=False)
-    if done.returncode:
-        raise SnapvolError(f"fusermount3 -u {mountpoint}: {done.stderr.strip()}")
+def _clear_stale(stale: registry.StaleMount) -> None:
+    """Detach a mount whose process is gone (a lazy detach if programs still use it)."""
+    why = mounttable.unmount(stale.mountpoint)
+    if why is not None:
+        why = mounttable.unmount(stale.mountpoint, lazy=True)
+    if why is not None:
+        raise SnapvolError(f"cannot unmount the stale mount on {stale.mountpoint}: {why}")
+    registry.forget(stale.mountpoint)
+    gone = "its mount process" + ("" if stale.pid is None else f" {stale.pid}")
+    click.echo(f"unmounted {stale.mountpoint} (a stale mount: {gone} was gone, so changes "
+               "after its last CP are lost)")
 
 
 @click.command()
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def mounts(as_json: bool) -> None:
-    """List this host's snapvol mounts."""
+    """List this host's snapvol mounts, and stale ones (their mount process was killed;
+    `snapvol unmount MOUNTPOINT` clears them)."""
     found = registry.mounts()
+    stale = registry.stale()
     if as_json:
         print_json([{"image": e.image, "mountpoint": e.mountpoint, "pid": e.pid,
                      "read_only": e.read_only, "socket": e.socket,
-                     "started_ns": e.started_ns} for e in found])
+                     "started_ns": e.started_ns, "state": "live"} for e in found] +
+                   [{"image": s.image, "mountpoint": s.mountpoint, "pid": s.pid,
+                     "read_only": s.read_only, "socket": None, "started_ns": s.started_ns,
+                     "state": "stale"} for s in stale])
         return
-    if not found:
+    if not found and not stale:
         click.echo("no mounts")
         return
     table = Table(box=None)
-    for title in ("mount point", "image", "mode", "process", "since"):
+    for title in ("mount point", "image", "mode", "process", "since", "state"):
         table.add_column(title)
     for e in found:
         table.add_row(e.mountpoint, e.image, "ro" if e.read_only else "rw", str(e.pid),
-                      show_time(e.started_ns))
+                      show_time(e.started_ns), "live")
+    for s in stale:
+        table.add_row(s.mountpoint, s.image or "?",
+                      "?" if s.read_only is None else "ro" if s.read_only else "rw",
+                      "?" if s.pid is None else f"{s.pid} (gone)",
+                      "?" if s.started_ns is None else show_time(s.started_ns), "stale")
     console().print(table)
+    if stale:
+        click.echo("stale: the mount process is gone; `snapvol unmount MOUNTPOINT` "
+                   "clears the mount")

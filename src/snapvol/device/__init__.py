@@ -7,7 +7,7 @@ owner of a volume decides how it is shared, not the device.
 
 from snapvol.device.base import BLOCK_SIZE, Device
 from snapvol.device.faulty import CrashPoint, FaultyDevice
-from snapvol.device.image import ImageDevice, create_image, open_device
+from snapvol.device.image import ImageDevice, create_image, open_device, remove_created
 from snapvol.device.lock import VolumeLock
 from snapvol.device.memory import MemoryDevice
 
@@ -21,4 +21,5 @@ __all__ = [
     "VolumeLock",
     "create_image",
     "open_device",
+    "remove_created",
 ]

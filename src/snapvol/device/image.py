@@ -11,8 +11,10 @@ opening, because only the owner knows whether it opened the volume to write or t
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
+import resource
 import stat
 from collections.abc import Sequence
 from typing import cast
@@ -199,26 +201,56 @@ def open_device(path: str | os.PathLike[str], writable: bool) -> ImageDevice:
     return ImageDevice(path, writable)
 
 
-def create_image(path: str | os.PathLike[str], size_bytes: int) -> None:
-    """Create a sparse image of `size_bytes` rounded down to whole blocks.
+def create_image(path: str | os.PathLike[str], size_bytes: int) -> tuple[int, int]:
+    """Create a sparse image of `size_bytes` rounded down to whole blocks; the (device,
+    inode) of the new file, so a caller that fails later removes it (`remove_created`)
+    and never a file someone else put at the same path meanwhile.
 
     Only ftruncate, so a 16 TiB image costs nothing until blocks are written (where the
-    file system allows files that large: ext4 stops at 16 TiB minus one block).
+    file system allows files that large: ext4 stops at 16 TiB minus one block). A size
+    past the process's file-size limit or the file system's is refused, and the empty
+    file made to try it is removed.
     """
     name = os.fspath(path)
     if size_bytes < MIN_IMAGE_BYTES:
         raise VolumeError(f"cannot create {name}: {size_bytes} bytes is below the 1 MiB minimum")
     size = size_bytes // BLOCK_SIZE * BLOCK_SIZE
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    if limit != resource.RLIM_INFINITY and size > limit:
+        raise VolumeError(f"cannot create {name} of {size} bytes: this process may not "
+                          f"write files past {limit} bytes (`ulimit -f`); choose a smaller "
+                          "size or raise the limit")
     try:
         fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
     except FileExistsError:
         raise VolumeError(f"{name} already exists") from None
     except OSError as err:
         raise VolumeError(f"cannot create {name}: {err.strerror}") from err
+    st = os.fstat(fd)
+    made = (st.st_dev, st.st_ino)
     try:
         os.ftruncate(fd, size)
-    except OSError as err:
+    except BaseException as err:
         os.close(fd)
-        os.unlink(name)
-        raise VolumeError(f"cannot create {name} of {size} bytes: {err.strerror}") from err
+        remove_created(name, made)
+        if isinstance(err, OSError) and err.errno == errno.EFBIG:
+            raise VolumeError(f"cannot create {name} of {size} bytes: too large for the file "
+                              "system holding it; choose a smaller size or another file "
+                              "system") from None
+        if isinstance(err, (OSError, OverflowError)):
+            raise VolumeError(f"cannot create {name} of {size} bytes: "
+                              f"{getattr(err, 'strerror', None) or err}") from None
+        raise
     os.close(fd)
+    return made
+
+
+def remove_created(path: str | os.PathLike[str], made: tuple[int, int]) -> None:
+    """Remove the file `create_image` made at `path`, if `path` is still that file."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return
+    if (st.st_dev, st.st_ino) == made:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)

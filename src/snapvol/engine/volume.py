@@ -9,18 +9,18 @@ All those blocks are written and flushed before the root record goes to the olde
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import stat
 import threading
 import time
 import uuid as uuidlib
 from dataclasses import dataclass
-from pathlib import Path
 from types import TracebackType
 
 import numpy as np
 
-from snapvol.device import Device, ImageDevice, create_image
+from snapvol.device import Device, ImageDevice, create_image, remove_created
 from snapvol.device.lock import VolumeLock
 from snapvol.engine.allocator import Allocator
 from snapvol.engine.blockio import BlockIO, WriteBatch
@@ -32,6 +32,7 @@ from snapvol.layout.constants import (
     BLOCK_SIZE,
     FIRST_DATA_VBN,
     INOMAP_INO,
+    MAX_VOLUME_BLOCKS,
     ROOT_INO,
     ROOT_SLOT_VBNS,
     SUPERBLOCK_VBN,
@@ -48,6 +49,12 @@ from snapvol.planes import Plane
 
 MIN_BLOCKS = 256
 DEFAULT_CP_INTERVAL = 10.0
+MIN_CP_INTERVAL = 0.1
+MAX_CP_INTERVAL = 86400.0
+"""The CP timer's range in seconds: more often only adds CPs without making more data
+safe than fsync does; a day already leaves a crash to lose a day of unsynced changes."""
+CP_TIMER_TICK = 1.0
+"""The CP timer looks at the clock at least this often (and 4 times per interval)."""
 DEFAULT_DIRTY_LIMIT = 256 << 20
 DIRTY_INODE_LIMIT = 100_000  # changed inodes that trigger a CP (they hold memory until one)
 
@@ -88,6 +95,24 @@ class CPStats:
     cp_count: int
     blocks_written: int
     seconds: float
+
+
+def check_size(size: int) -> None:
+    """VolumeError unless `size` bytes make a volume of MIN_BLOCKS to MAX_VOLUME_BLOCKS."""
+    if size < MIN_BLOCKS * BLOCK_SIZE:
+        raise VolumeError(f"size {size} is too small: a volume needs at least "
+                          f"{MIN_BLOCKS * BLOCK_SIZE // 1024} KiB")
+    if size > MAX_VOLUME_BLOCKS * BLOCK_SIZE:
+        raise VolumeError(f"size {size} is too large: a volume holds at most "
+                          f"{MAX_VOLUME_BLOCKS * BLOCK_SIZE} bytes (4 PiB)")
+
+
+def check_cp_interval(seconds: float) -> float:
+    """`seconds` if it is a CP interval the timer can keep; VolumeError naming the range."""
+    if not math.isfinite(seconds) or not MIN_CP_INTERVAL <= seconds <= MAX_CP_INTERVAL:
+        raise VolumeError(f"CP interval {seconds} s is out of range: use {MIN_CP_INTERVAL:g} "
+                          f"to {MAX_CP_INTERVAL:g} seconds")
+    return float(seconds)
 
 
 class Volume:
@@ -133,21 +158,21 @@ class Volume:
     # ---- opening ------------------------------------------------------------------------
     @classmethod
     def create(cls, path: str | os.PathLike[str], size: int) -> Volume:
-        """Make a new volume in a new sparse image file and open it for writing."""
+        """Make a new volume in a new sparse image file and open it for writing. On any
+        failure the file is removed again (only if it is still the one made here)."""
         path = os.fspath(path)
-        if size < MIN_BLOCKS * BLOCK_SIZE:
-            raise VolumeError(f"size {size} is too small: a volume needs at least "
-                              f"{MIN_BLOCKS * BLOCK_SIZE // 1024} KiB")
-        create_image(path, size)
-        dev = ImageDevice(path, writable=True)
+        check_size(size)
+        made = create_image(path, size)
         try:
-            cls.format(dev)
+            dev = ImageDevice(path, writable=True)
+            try:
+                cls.format(dev)
+            finally:
+                dev.close()
+            return cls.open(path)
         except BaseException:
-            dev.close()
-            Path(path).unlink(missing_ok=True)
+            remove_created(path, made)
             raise
-        dev.close()
-        return cls.open(path)
 
     @classmethod
     def format(cls, dev: Device) -> None:
@@ -155,6 +180,9 @@ class Volume:
         nblocks = dev.nblocks
         if nblocks < MIN_BLOCKS:
             raise VolumeError(f"device too small: {nblocks} blocks, at least {MIN_BLOCKS}")
+        if nblocks > MAX_VOLUME_BLOCKS:
+            raise VolumeError(f"device too large: {nblocks} blocks, at most "
+                              f"{MAX_VOLUME_BLOCKS} (4 PiB)")
         now = time.time_ns()
         sb = Superblock(nblocks, uuidlib.uuid4().bytes, now)
         dev.write(SUPERBLOCK_VBN, sb.encode())
@@ -551,15 +579,16 @@ class Volume:
             self.active.evict_clean()
 
     def start_cp_timer(self, interval: float | None = None) -> None:
-        """Run a CP every `interval` seconds (10 by default) while anything is dirty."""
-        if interval is not None:
-            self.cp_interval = interval
+        """Run a CP every `interval` seconds (10 by default) while anything is dirty;
+        VolumeError unless the interval is a number in [MIN_CP_INTERVAL, MAX_CP_INTERVAL]."""
+        self.cp_interval = check_cp_interval(self.cp_interval if interval is None
+                                             else interval)
         if self._timer is not None:
             return
         self._stop.clear()
 
         def run() -> None:
-            while not self._stop.wait(self.cp_interval / 4):
+            while not self._stop.wait(min(self.cp_interval / 4, CP_TIMER_TICK)):
                 if time.monotonic() - self.last_cp_time >= self.cp_interval:
                     writer = self._writing
                     if writer is not None:

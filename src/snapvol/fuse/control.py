@@ -6,8 +6,9 @@ send the mount process a request over a unix socket instead of opening the image
 
 One request per connection: the client sends one JSON object and a newline,
 `{"op": NAME, "args": {...}}`; the server answers with one line,
-`{"ok": true, "result": ...}` or `{"ok": false, "error": MESSAGE}`, and closes. MESSAGE is
-the one-line error the command would have printed had it opened the image itself.
+`{"ok": true, "result": ...}` or `{"ok": false, "error": MESSAGE}` (with `"code": "EBUSY"`
+when an `unmount` is refused because the mount is in use), and closes. MESSAGE is the
+one-line error the command would have printed had it opened the image itself.
 """
 
 from __future__ import annotations
@@ -27,7 +28,12 @@ OPS = ("ping", "info", "snap_create", "snap_delete", "snap_list", "fsck", "unmou
 
 
 class ControlError(SnapvolError):
-    """The mount process refused a request, or could not be reached."""
+    """The mount process refused a request, or could not be reached. `code` names a
+    refusal the caller may act on (EBUSY: the mount is in use), else None."""
+
+    def __init__(self, message: str, code: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 def volume_facts(vol: Volume, image: str) -> dict[str, Any]:
@@ -90,5 +96,7 @@ def call(entry: MountEntry, op: str, timeout: float | None = None, **args: Any) 
     except ValueError:
         raise ControlError(f"{where} closed the control socket without an answer") from None
     if not answer.get("ok"):
-        raise ControlError(str(answer.get("error", "request failed")))
+        code = answer.get("code")
+        raise ControlError(str(answer.get("error", "request failed")),
+                           code=None if code is None else str(code))
     return answer.get("result")

@@ -14,30 +14,29 @@ from __future__ import annotations
 
 import os
 
+from snapvol.errors import SnapvolError
+from snapvol.fuse import mounttable
+
 DEFAULT_KIB = 1024
 """The window a mount asks for: one request of the largest size FUSE sends (max_pages)."""
 MAX_KIB = 64 << 10
 """A larger window only holds more memory in flight per reader."""
 
 
-def _unescape(field: str) -> str:
-    """A mountinfo path field: spaces, tabs, newlines and backslashes are octal escapes."""
-    for code, char in (("\\040", " "), ("\\011", "\t"), ("\\012", "\n"), ("\\134", "\\")):
-        field = field.replace(code, char)
-    return field
+def check_kib(kib: int) -> int:
+    """`kib` if it is a window a mount may ask for; SnapvolError naming the range."""
+    if not 0 <= kib <= MAX_KIB:
+        raise SnapvolError(f"--readahead {kib}: must be 0 (the kernel's default) to "
+                           f"{MAX_KIB} KiB")
+    return kib
 
 
-def device_of(mountpoint: str, mountinfo: str = "/proc/self/mountinfo") -> str | None:
+def device_of(mountpoint: str, mountinfo: str = mounttable.MOUNTINFO) -> str | None:
     """The `major:minor` of the file system mounted on `mountpoint` (read from mountinfo,
     so nothing is asked of the mount itself, whose own process may be the caller); the
     last mount there wins. None if nothing is mounted there."""
-    found = None
-    with open(mountinfo, encoding="utf-8", errors="surrogateescape") as f:
-        for line in f:
-            fields = line.split(" ")
-            if len(fields) > 4 and _unescape(fields[4]) == mountpoint:
-                found = fields[2]
-    return found
+    found = mounttable.find(mountpoint, mountinfo)
+    return None if found is None else f"{found.device[0]}:{found.device[1]}"
 
 
 def set_window(mountpoint: str, kib: int, sysfs: str = "/sys/class/bdi") -> str | None:

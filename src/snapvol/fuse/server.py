@@ -8,9 +8,12 @@ that is the price of an engine that is not built for concurrent callers. A read-
 mount also runs `follow` (a root check every FOLLOW_INTERVAL seconds, see fuse.follow);
 its kernel notifications go from a worker thread that does not touch the engine.
 
-Stopping: SIGTERM, SIGINT, SIGHUP and an `unmount` request all commit a CP and end the
-FUSE loop; an external `fusermount3 -u` ends it too. Then the handles the kernel left
-open are released, the volume is closed with a last CP, the mount point is unmounted
+Stopping: an `unmount` request is refused while the mount is in use (open handles, or the
+kernel's own refusal of a plain unmount: a working directory, a mapped file); otherwise
+the kernel unmounts it, which ends the FUSE loop. SIGTERM, SIGINT, SIGHUP and a forced
+`unmount` commit a CP and end the FUSE loop whatever uses the mount; an external
+`fusermount3 -u` ends it too. Then the handles the kernel left open are released, the
+volume is closed with a last CP, the mount point is detached if it is still mounted
 (lazily, so a busy mount point cannot keep the process alive) and the registry entry and
 socket are removed.
 """
@@ -31,11 +34,12 @@ import trio
 
 from snapvol.engine import snapshots
 from snapvol.engine.fsck import check
-from snapvol.engine.volume import Volume
+from snapvol.engine.volume import Volume, check_cp_interval
 from snapvol.errors import SnapvolError
-from snapvol.fuse import follow, readahead, registry
+from snapvol.fuse import follow, mounttable, readahead, registry
 from snapvol.fuse.control import (
     MAX_MESSAGE,
+    ControlError,
     decode,
     encode,
     fsck_result,
@@ -46,6 +50,9 @@ from snapvol.fuse.operations import SnapvolOperations
 log = logging.getLogger("snapvol.fuse")
 
 REQUEST_TIMEOUT = 10.0
+RELEASE_WAIT = 1.0
+"""How long an unmount waits for the kernel's RELEASE of files closed just before it,
+which come after the close() returned."""
 MOUNT_DIRTY_LIMIT = 64 << 20
 """Data a mount collects before it starts a CP. CPs are written in the background, so up
 to twice this is held: one CP on its way to disk and the next one collecting. A smaller
@@ -102,10 +109,33 @@ class _Mount:
             return [dataclasses.asdict(i) for i in snapshots.infos(vol)]
         if op == "fsck":
             return fsck_result(check(vol))
-        if op == "unmount":
-            self.stop("unmount requested")
-            return {"pid": os.getpid()}
         raise SnapvolError(f"unknown control request {op!r}")
+
+    async def unmount(self, force: bool) -> dict[str, Any]:
+        """The `unmount` request. Without `force`, refused (code EBUSY) while a file or
+        directory is open in the mount, or while the kernel finds it in use (a working
+        directory in it, a mapped file); otherwise the kernel unmounts it now, which ends
+        the FUSE loop. With `force`, or once unmounted: a CP, then the loop ends, and the
+        lazy detach after the last CP (`serve`) leaves programs that still use it ENOTCONN."""
+        if not force and not self.stopping:
+            deadline = trio.current_time() + RELEASE_WAIT
+            while self.ops.handles.all() and trio.current_time() < deadline:
+                await trio.sleep(0.01)  # a closed file's RELEASE comes after close()
+            held = self.ops.handles.items()
+            if held:
+                dirs = sum(1 for _, h in held if h.is_dir or h.snap_id < 0)  # < 0: .snapshot
+                files = len(held) - dirs
+                what = ", ".join(f"{n} {word}{'s' if n > 1 else ''}" for n, word in
+                                 ((files, "open file"), (dirs, "open directory")) if n)
+                raise ControlError(f"{self.mountpoint} is busy: {what} in it", code="EBUSY")
+            why = await trio.to_thread.run_sync(mounttable.unmount, self.mountpoint)
+            if why is not None:
+                busy = "busy" in why.lower()
+                raise ControlError(f"{self.mountpoint} is busy: {why}" if busy else
+                                   f"cannot unmount {self.mountpoint}: {why}",
+                                   code="EBUSY" if busy else None)
+        self.stop("unmount requested")
+        return {"pid": os.getpid()}
 
     async def refresh(self) -> bool:
         """Load the image's newer root, if a receive committed one, and make the kernel
@@ -164,9 +194,16 @@ class _Mount:
             if request.get("op") == "refresh":  # async: the kernel is told from a thread
                 result: Any = {"changed": await self.refresh(),
                                "cp_count": self.vol.root.cp_count}
+            elif request.get("op") == "unmount":  # async: releases come in meanwhile
+                # Shielded: once the kernel has unmounted, the FUSE loop ends and the
+                # nursery is cancelled, but the CP and the answer must still happen.
+                with trio.CancelScope(shield=True):
+                    result = await self.unmount(force=bool(args.get("force")))
             else:
                 result = self.dispatch(str(request.get("op")), dict(args))
             answer = {"ok": True, "result": result}
+        except ControlError as e:
+            answer = {"ok": False, "error": str(e), "code": e.code}
         except SnapvolError as e:
             answer = {"ok": False, "error": str(e)}
         except (ValueError, KeyError, TypeError) as e:
@@ -174,9 +211,10 @@ class _Mount:
         except Exception as e:
             log.exception("control request failed")
             answer = {"ok": False, "error": f"internal error: {type(e).__name__}: {e}"}
-        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-            await stream.send_all(encode(answer))
-        await stream.aclose()
+        with trio.CancelScope(shield=True, deadline=trio.current_time() + REQUEST_TIMEOUT):
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                await stream.send_all(encode(answer))
+            await stream.aclose()
 
     async def signals(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
                       ) -> None:
@@ -216,12 +254,41 @@ class _Mount:
             await nursery.start(self.control)
             if not self.vol.writable:
                 nursery.start_soon(self.follow)
+            started = registry.process_start(os.getpid())
             registry.register(registry.MountEntry(
                 self.image, self.mountpoint, os.getpid(), self.sock, not self.vol.writable,
-                time.time_ns()))
+                time.time_ns(), 0 if started is None else started[1]))
             nursery.start_soon(self.announce, ready)
             await pyfuse3.main()
             nursery.cancel_scope.cancel()
+
+
+def check_mount(image: str, mountpoint: str, cp_interval: float | None = None,
+                readahead_kib: int = readahead.DEFAULT_KIB) -> tuple[str, str]:
+    """Refuse a mount that cannot work, before anything is opened (`snapvol mount` asks
+    before it forks the mount process, so a refusal is the user's error line and never
+    the log's): the options, the mount point (a directory, not mounted, not a stale
+    mount) and the image (not mounted elsewhere). The image and mount point resolved."""
+    image = os.path.abspath(image)
+    mountpoint = os.path.realpath(mountpoint)
+    if cp_interval is not None:
+        check_cp_interval(cp_interval)
+    readahead.check_kib(readahead_kib)
+    stale = registry.find_stale(mountpoint)
+    if stale is not None:
+        whose = "" if stale.image is None else f"of {stale.image}: "
+        pid = "" if stale.pid is None else f" {stale.pid}"
+        raise MountError(f"{mountpoint} is a stale snapvol mount ({whose}its mount process"
+                         f"{pid} is gone); clear it with `snapvol unmount {mountpoint}`")
+    if not os.path.isdir(mountpoint):
+        raise MountError(f"mount point {mountpoint} is not a directory: create it first")
+    if os.path.ismount(mountpoint):
+        raise MountError(f"{mountpoint} is already a mount point: unmount it first")
+    other = registry.find_image(image)
+    if other is not None:
+        raise MountError(f"{image} is already mounted on {other.mountpoint} "
+                         f"(process {other.pid})")
+    return image, mountpoint
 
 
 def serve(image: str, mountpoint: str, *, read_only: bool = False,
@@ -231,21 +298,7 @@ def serve(image: str, mountpoint: str, *, read_only: bool = False,
     """Mount `image` on `mountpoint` and serve it until unmounted or signalled. `ready` is
     called once the mount answers requests. `readahead_kib` is the kernel's readahead
     window for the mount's files (0: the kernel's default)."""
-    image = os.path.abspath(image)
-    mountpoint = os.path.realpath(mountpoint)
-    if cp_interval is not None and cp_interval <= 0:
-        raise MountError(f"--cp-interval {cp_interval}: must be a positive number of seconds")
-    if not 0 <= readahead_kib <= readahead.MAX_KIB:
-        raise MountError(f"--readahead {readahead_kib}: must be 0 (the kernel's default) to "
-                         f"{readahead.MAX_KIB} KiB")
-    if not os.path.isdir(mountpoint):
-        raise MountError(f"mount point {mountpoint} is not a directory: create it first")
-    if os.path.ismount(mountpoint):
-        raise MountError(f"{mountpoint} is already a mount point: unmount it first")
-    other = registry.find_image(image)
-    if other is not None:
-        raise MountError(f"{image} is already mounted on {other.mountpoint} "
-                         f"(process {other.pid})")
+    image, mountpoint = check_mount(image, mountpoint, cp_interval, readahead_kib)
     sock = registry.socket_path(image)
     vol = Volume.open(image, writable=not read_only)
     try:
