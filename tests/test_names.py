@@ -261,10 +261,19 @@ def test_reserved_root_names_are_refused(fs: FileSystem, reserved: bytes,
     assert_fsck_clean(fs.vol)
 
 
+def make_old_snapshot_dir(fs: FileSystem) -> None:
+    """A real /.snapshot, as older versions let put and mkdir make: a directory made
+    under another name, then given that name in the directory itself."""
+    fs.mkdir(ROOT_INO, "made-before")
+    root = fs.image.directory(fs.image.node(ROOT_INO))
+    e = root.remove(b"made-before")
+    root.insert(names.SNAPDIR_NAME, e.ino, e.dtype)
+
+
 def test_an_old_volumes_real_snapshot_directory_can_be_moved_away(fs: FileSystem) -> None:
     """A volume from before the rule may hold /.snapshot: it can be read, renamed away
     and removed (the mount hides it: test_fuse_names.py)."""
-    fs.mkdir(ROOT_INO, names.SNAPDIR_NAME, system=True)  # as an older snapvol made it
+    make_old_snapshot_dir(fs)
     fs.write_file("/.snapshot/mine", b"user data")
     assert fs.read_file("/.snapshot/mine") == b"user data"
     fs.rename(ROOT_INO, names.SNAPDIR_NAME, ROOT_INO, b"my-snapshot-dir")
