@@ -358,3 +358,15 @@ def test_check_room_commits_earlier_frees_first(tmp_path: Path) -> None:
         fs.check_room(1000, "a test")
         with pytest.raises(SnapvolError, match="a test needs at least"):
             fs.check_room(vol.nblocks, "a test")
+
+
+def test_check_room_leaves_metadata_to_the_reserve(tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only data is checked up front: a put of empty files and directories is left to
+    the engine's admission, which lets metadata use the reserve."""
+    with Volume.create(tmp_path / "v.img", 16 * MIB) as vol:
+        fs = FileSystem(vol)
+        monkeypatch.setattr(Volume, "meta_reserve", property(lambda self: vol.nblocks))
+        fs.check_room(0, "empty files")
+        with pytest.raises(FsError, match="needs at least 4 KiB"):
+            fs.check_room(1, "one block")

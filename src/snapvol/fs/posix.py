@@ -83,6 +83,12 @@ def _name(name: str | bytes) -> bytes:
     return os.fsencode(name)
 
 
+def _kib(nblocks: int) -> str:
+    """Blocks as KiB, or MiB with one decimal from 1 MiB on."""
+    kib = nblocks * (BLOCK_SIZE // 1024)
+    return f"{kib} KiB" if kib < 1024 else f"{kib / 1024:.1f} MiB"
+
+
 def _check_new_name(parent: int, name: bytes, *, system: bool = False,
                     err: int = errno.EEXIST) -> None:
     """Refuse a name a new entry of directory `parent` cannot take: '.' and '..' exist
@@ -696,6 +702,8 @@ class FileSystem:
         each write (pending changes, this data, the reserve only deletions may use), made
         once up front, so that such a refusal commits no CP and uses no space."""
         self._rw()
+        if nblocks <= 0:
+            return  # no data: metadata may use the reserve, as the engine allows
         vol = self.vol
         alloc = vol.alloc
         assert alloc is not None  # writable
@@ -707,11 +715,9 @@ class FileSystem:
             vol.cp()  # what was freed since the last CP is free once it commits
         missing = short()
         if missing > 0:
-            mib = BLOCK_SIZE / (1 << 20)
             raise FsError(errno.ENOSPC, f"no space left on volume {vol.path}: {what} needs at "
-                                        f"least {nblocks * mib:.1f} MiB, {missing * mib:.1f} "
-                                        "MiB more than it can take: delete files or "
-                                        "snapshots to make room")
+                                        f"least {_kib(nblocks)}, {_kib(missing)} more than it "
+                                        "can take: delete files or snapshots to make room")
 
     # ---- paths --------------------------------------------------------------------------------
     @_locked
