@@ -41,7 +41,7 @@ from typing import Final, Protocol
 
 import xxhash
 
-from snapvol.errors import CorruptionError, fs_error
+from snapvol.errors import CorruptionError, FsError, fs_error
 from snapvol.layout.constants import MAX_NAME
 from snapvol.layout.dirblock import (
     ENTRY_OVERHEAD,
@@ -62,6 +62,7 @@ from snapvol.layout.dirblock import (
     entry_bytes,
     node_kind,
 )
+from snapvol.layout.names import InvalidName, check_entry_name
 
 DT_FIFO: Final = 1
 DT_CHR: Final = 2
@@ -166,15 +167,14 @@ def name_group(name: bytes) -> int:
 
 
 def check_name(name: bytes) -> None:
-    """Refuse what cannot be a directory entry name, with the reason."""
+    """Refuse what cannot be a directory entry name: FsError with the errno a POSIX call
+    answers (snapvol.layout.names)."""
     if not isinstance(name, bytes):
         raise TypeError(f"directory entry name must be bytes, not {type(name).__name__}")
-    if not 1 <= len(name) <= MAX_NAME:
-        raise ValueError(f"name {name[:40]!r}: length {len(name)}, must be 1..{MAX_NAME} bytes")
-    if b"/" in name or b"\0" in name:
-        raise ValueError(f"name {name!r}: contains '/' or NUL")
-    if name in (b".", b".."):
-        raise ValueError(f"name {name!r}: '.' and '..' are not stored entries")
+    try:
+        check_entry_name(name)
+    except InvalidName as err:
+        raise FsError(err.errno, str(err)) from None
 
 
 def _check_ino(ino: int) -> None:
@@ -337,13 +337,13 @@ class Directory:
         return None if e is None else (e.ino, e.dtype)
 
     def insert(self, name: bytes, ino: int, dtype: int) -> DirEntry:
-        """Add an entry; FileExistsError if the name is taken."""
+        """Add an entry; FsError(EEXIST) if the name is taken."""
         check_name(name)
         _check_ino(ino)
         _check_dtype(dtype)
         scan = self._scan(name)
         if scan.index >= 0:
-            raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), os.fsdecode(name))
+            raise fs_error(errno.EEXIST, os.fsdecode(name))
         entry = self._add(scan, name, ino, dtype)
         self._trim_cache()
         return entry
@@ -367,11 +367,11 @@ class Directory:
         return old
 
     def remove(self, name: bytes) -> DirEntry:
-        """Remove the entry called `name` and return it; FileNotFoundError if absent."""
+        """Remove the entry called `name` and return it; FsError(ENOENT) if absent."""
         check_name(name)
         scan = self._scan(name)
         if scan.index < 0:
-            raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), os.fsdecode(name))
+            raise fs_error(errno.ENOENT, os.fsdecode(name))
         leaf, i = scan.leaf, scan.index
         entry = self._entry(leaf, i)
         del leaf.keys[i], leaf.inos[i], leaf.dtypes[i], leaf.names[i]
@@ -818,7 +818,7 @@ class Directory:
                 label = f"{where}: entry {name[:60]!r}"
                 try:
                     check_name(name)
-                except ValueError as err:
+                except FsError as err:
                     problems.append(f"{where}: {err}")
                     continue
                 if dtype not in DT_TYPES:

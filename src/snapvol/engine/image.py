@@ -112,16 +112,6 @@ class _DirStore:
         self.image._touch(node)
 
 
-def check_name(name: bytes) -> None:
-    """Refuse names a directory entry cannot hold (DESIGN.md §3.7)."""
-    if not name or name in (b".", b".."):
-        raise FsError(22, f"invalid name {name!r}: empty, '.' and '..' are not file names")
-    if b"/" in name or b"\x00" in name:
-        raise FsError(22, f"invalid name {name!r}: names cannot contain '/' or NUL")
-    if len(name) > 255:
-        raise FsError(36, f"name too long ({len(name)} bytes; the limit is 255)")
-
-
 def dtype_of(mode: int) -> int:
     return stat.S_IFMT(mode) >> 12
 

@@ -8,6 +8,7 @@ makes the snapshot's inode file the active one; every other snapshot stays.
 
 from __future__ import annotations
 
+import errno
 import time
 import uuid as uuidlib
 from dataclasses import dataclass, replace
@@ -19,10 +20,10 @@ from snapvol.engine import planefile
 from snapvol.engine.image import Image
 from snapvol.engine.tree import BlockTree
 from snapvol.errors import FsError, SnapvolError
+from snapvol.layout import names as name_rules
 from snapvol.layout.constants import (
     BLOCK_SIZE,
     FIRST_DATA_VBN,
-    MAX_NAME,
     MAX_SNAP_ID,
     MAX_SNAPSHOTS,
     SNAP_ENTRIES_PER_BLOCK,
@@ -53,23 +54,52 @@ if TYPE_CHECKING:
 
 
 class SnapshotError(SnapvolError):
-    """An unknown, duplicate or invalid snapshot name, or too many snapshots."""
+    """A snapshot operation refused. Each kind of refusal is a subclass whose `errno` is
+    what the mount answers for it (`mkdir .snapshot/NAME` and friends); the CLI prints the
+    message and exits 2 for all of them."""
+
+    errno: int = errno.EINVAL
+
+    def __init__(self, message: str, err: int | None = None) -> None:
+        super().__init__(message)
+        if err is not None:
+            self.errno = err
+
+
+class SnapshotNotFound(SnapshotError):
+    """No snapshot has that name."""
+
+    errno = errno.ENOENT
+
+
+class SnapshotExists(SnapshotError):
+    """A snapshot of that name exists already."""
+
+    errno = errno.EEXIST
+
+
+class SnapshotLimit(SnapshotError):
+    """The table is full (MAX_SNAPSHOTS)."""
+
+    errno = errno.ENOSPC
+
+
+class SnapshotBusy(SnapshotError):
+    """The volume is in a state that forbids it now (a partial receive is pending)."""
+
+    errno = errno.EBUSY
+
+
+class InvalidSnapshotName(SnapshotError):
+    """A name a new snapshot cannot take (snapvol.layout.names); EINVAL, or ENAMETOOLONG."""
 
 
 def check_snapshot_name(name: str) -> None:
+    """Refuse a name a new or renamed snapshot cannot take (snapvol.layout.names)."""
     try:
-        name.encode("utf-8")  # the table stores UTF-8; a non-UTF-8 argv name cannot be kept
-    except UnicodeEncodeError:
-        raise SnapshotError(f"invalid snapshot name {name!r}: it is not valid UTF-8") from None
-    raw = name.encode("utf-8", "surrogateescape")
-    if not raw:
-        raise SnapshotError("invalid snapshot name: it is empty")
-    if len(raw) > MAX_NAME:
-        raise SnapshotError(f"invalid snapshot name: {len(raw)} bytes, the limit is {MAX_NAME}")
-    if "/" in name or "\x00" in name:
-        raise SnapshotError(f"invalid snapshot name {name!r}: it cannot contain '/' or NUL")
-    if name in (".", ".."):
-        raise SnapshotError(f"invalid snapshot name {name!r}")
+        name_rules.check_snapshot_name(name)
+    except name_rules.InvalidName as err:
+        raise InvalidSnapshotName(str(err), err.errno) from None
 
 
 class SnapshotTable:
@@ -99,7 +129,7 @@ class SnapshotTable:
         """A new snapshot id, never handed out before on this volume."""
         snap_id = self.next_id
         if snap_id > MAX_SNAP_ID:
-            raise SnapshotError(f"this volume has used all {MAX_SNAP_ID} snapshot ids; "
+            raise SnapshotLimit(f"this volume has used all {MAX_SNAP_ID} snapshot ids; "
                                 "copy its files to a new volume (snapvol get / put)")
         self.next_id += 1
         return snap_id
@@ -156,7 +186,7 @@ class SnapshotTable:
         found = self.find(name)
         if found is None:
             names = ", ".join(e.name for e in self.entries()) or "none"
-            raise SnapshotError(f"no snapshot named {name!r} (snapshots: {names})")
+            raise SnapshotNotFound(f"no snapshot named {name!r} (snapshots: {names})")
         return found[1]
 
     def __len__(self) -> int:
@@ -166,7 +196,7 @@ class SnapshotTable:
         for slot in range(MAX_SNAPSHOTS):
             if slot not in self.slots:
                 return slot
-        raise SnapshotError(f"too many snapshots: the limit is {MAX_SNAPSHOTS}; delete one first")
+        raise SnapshotLimit(f"too many snapshots: the limit is {MAX_SNAPSHOTS}; delete one first")
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,7 +230,7 @@ def create(vol: Volume, name: str, shadow: bool = False, source: str | None = No
         check_snapshot_name(name)
         table = vol.snapshots
         if table.find(name) is not None:
-            raise SnapshotError(f"a snapshot named {name!r} already exists")
+            raise SnapshotExists(f"a snapshot named {name!r} already exists")
         if source is not None and not shadow:
             raise SnapshotError("only a shadow snapshot can be made from another snapshot")
         slot = table.free_slot()
@@ -209,7 +239,7 @@ def create(vol: Volume, name: str, shadow: bool = False, source: str | None = No
         if vol.receive_blocks:
             # The snapshot's plane would hold the receive state's blocks, which its tree
             # roots do not reach (snapvol.image.receiver).
-            raise SnapshotError(f"{vol.path} has a partial receive: finish it (snapvol send "
+            raise SnapshotBusy(f"{vol.path} has a partial receive: finish it (snapvol send "
                                 "... --resume) or abort it (snapvol receive --abort) first")
         snap_id = table.take_id()
         vol.cp()
@@ -285,7 +315,7 @@ def rename(vol: Volume, old: str, new: str) -> None:
             table.get(old)
             return
         if table.find(new) is not None:
-            raise SnapshotError(f"a snapshot named {new!r} already exists")
+            raise SnapshotExists(f"a snapshot named {new!r} already exists")
         slot, e = found
         table.slots[slot] = replace(e, name=new)
         vol.snaps_dirty = True

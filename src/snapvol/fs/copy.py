@@ -10,7 +10,15 @@ Destinations follow `cp -a SRC DEST`: a DEST that does not exist becomes the cop
 existing directory receives the copy as DEST/basename(SRC). Unlike cp, nothing that
 already exists is ever overwritten (the copy stops with EEXIST before writing anything),
 and a copy that fails part way removes what it made, so a failing put or get leaves the
-volume and the host as they were.
+volume and the host as they were. A put whose file data alone cannot fit is refused
+before it writes anything (ENOSPC), so that refusal changes nothing at all, not even the
+CP count; one that runs short part way (the data fitted, the metadata did not, or the
+source grew) is undone, and the undo is what the next CP commits.
+
+File data is copied as `read` returns it, as cp does, not as `st_size` announces it: a
+sysfs file that reports 4096 bytes and reads 6 becomes a 6-byte file, a /proc file that
+reports 0 gets what it reads, and a file that grows or shrinks during the copy is copied
+up to where its reads end. Holes the host reports (SEEK_DATA/SEEK_HOLE) stay holes.
 
 Directories are walked with an explicit stack, not recursion, so depth is bounded only by
 the host's PATH_MAX. A directory's mode and times are set after its whole subtree is
@@ -101,8 +109,10 @@ def put_tree(fs: FileSystem, src_host_path: str | bytes | os.PathLike[str],
         raise _host_error(err, src) from None
     name = os.path.basename(os.path.normpath(os.path.abspath(src)))
     parent, leaf = _volume_target(fs, name, os.fsencode(dest_vol_path))
+    files, nbytes, blocks = _host_totals(src, st)
+    fs.check_room(blocks, f"copying {os.fsdecode(src)}")
     if progress is not None:
-        progress.start(*_host_totals(src, st))
+        progress.start(files, nbytes)
     putter = _Putter(fs, progress)
     try:
         putter.run(src, st, parent, leaf)
@@ -139,9 +149,19 @@ def _volume_target(fs: FileSystem, name: bytes, dest: bytes) -> tuple[int, bytes
                                 "(snapvol rm -r) or choose another destination")
 
 
-def _host_totals(src: bytes, st: os.stat_result) -> tuple[int, int]:
-    """(entries, bytes of regular files) under a host path, for the progress bar."""
-    files, nbytes = 1, st.st_size if stat.S_ISREG(st.st_mode) else 0
+def _data_blocks(st: os.stat_result) -> int:
+    """The fewest volume blocks a host file's data can take: its size in blocks, or
+    what the host allocated for it if less (a sparse file)."""
+    return min(-(-st.st_size // BLOCK_SIZE), -(-st.st_blocks * 512 // BLOCK_SIZE))
+
+
+def _host_totals(src: bytes, st: os.stat_result) -> tuple[int, int, int]:
+    """(entries, bytes of regular files, the fewest blocks their data takes) under a
+    host path: the progress bar's totals and the space a put needs at least."""
+    files, nbytes, blocks = 1, 0, 0
+    if stat.S_ISREG(st.st_mode):
+        nbytes, blocks = st.st_size, _data_blocks(st)
+    seen: set[tuple[int, int]] = set()  # hard links take their inode's blocks once
     todo = [src] if stat.S_ISDIR(st.st_mode) else []
     while todo:
         try:
@@ -151,10 +171,17 @@ def _host_totals(src: bytes, st: os.stat_result) -> tuple[int, int]:
                     if entry.is_dir(follow_symlinks=False):
                         todo.append(entry.path)
                     elif entry.is_file(follow_symlinks=False):
-                        nbytes += entry.stat(follow_symlinks=False).st_size
+                        est = entry.stat(follow_symlinks=False)
+                        nbytes += est.st_size
+                        key = (est.st_dev, est.st_ino)
+                        if est.st_nlink > 1:
+                            if key in seen:
+                                continue
+                            seen.add(key)
+                        blocks += _data_blocks(est)
         except OSError:
             continue  # the copy itself will report it
-    return files, nbytes
+    return files, nbytes, blocks
 
 
 def _data_extents(fd: int, size: int) -> list[tuple[int, int]]:
@@ -250,16 +277,17 @@ class _Putter(_Copier):
                 self.stats.hardlinks += 1
                 self._advance(0, st.st_size if stat.S_ISREG(mode) else 0)
                 continue
+            length = None
             if stat.S_ISREG(mode):
                 ino = fs.create(parent, name, stat.S_IMODE(mode), st.st_uid, st.st_gid).ino
                 self.created = True
-                self._put_data(path, ino, st.st_size)
+                length = self._put_data(path, ino, st.st_size)
             elif stat.S_ISLNK(mode):
                 ino = fs.symlink(parent, name, os.readlink(path), st.st_uid, st.st_gid).ino
             else:
                 ino = fs.mknod(parent, name, mode, st.st_rdev, st.st_uid, st.st_gid).ino
             self.created = True
-            self._put_attrs(path, ino, st)
+            self._put_attrs(path, ino, st, length)
             if st.st_nlink > 1:
                 self.links[key] = ino
             self._advance(mode)
@@ -267,31 +295,46 @@ class _Putter(_Copier):
             self.current = path
             self._put_attrs(path, ino, st)
 
-    def _put_data(self, path: bytes, ino: int, size: int) -> None:
+    def _put_data(self, path: bytes, ino: int, size: int) -> int:
+        """Copy a host file's data extents as read returns them (see the module doc);
+        `size` is its st_size. The file's length: where its reads ended."""
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         try:
             done = 0
             for start, end in _data_extents(fd, size):
                 self._tick(start - done)
-                off = start
-                while off < end:
-                    data = os.pread(fd, min(CHUNK, end - off), off)
-                    if not data:
-                        break  # the file shrank while we copied it
-                    self.fs.write(ino, off, data)
-                    off += len(data)
-                    self.stats.bytes += len(data)
-                    self._tick(len(data))
+                off = self._copy_run(fd, ino, start, end)
+                if off < end:  # the reads ended early: the file is this long
+                    self._tick(size - off)
+                    return off
                 done = end
             self._tick(size - done)
+            # Past st_size, what read still returns: a /proc file, or one that grew.
+            return self._copy_run(fd, ino, max(size, done), None)
         finally:
             os.close(fd)
+
+    def _copy_run(self, fd: int, ino: int, off: int, end: int | None) -> int:
+        """Copy from `off` to `end` (None: to the end of what reads return); the offset
+        where the copy stopped."""
+        while end is None or off < end:
+            data = os.pread(fd, CHUNK if end is None else min(CHUNK, end - off), off)
+            if not data:
+                break
+            self.fs.write(ino, off, data)
+            off += len(data)
+            self.stats.bytes += len(data)
+            self._tick(len(data))
+        return off
 
     def _tick(self, nbytes: int) -> None:
         if self.progress is not None and nbytes > 0:
             self.progress.advance(0, nbytes)
 
-    def _put_attrs(self, path: bytes, ino: int, st: os.stat_result) -> None:
+    def _put_attrs(self, path: bytes, ino: int, st: os.stat_result,
+                   length: int | None = None) -> None:
+        """The host entry's xattrs, mode, owner and times; `length` is a regular file's
+        size as copied (its reads may end before or after st_size)."""
         fs = self.fs
         xattrs = _host_xattrs(path)
         for name, value in xattrs.items():
@@ -300,7 +343,7 @@ class _Putter(_Copier):
             if os.fsdecode(raw) not in xattrs:  # inherited from a default ACL, as cp -a
                 fs.removexattr(ino, raw)        # would leave no ACL the source lacks
         mode = st.st_mode
-        fs.setattr(ino, size=st.st_size if stat.S_ISREG(mode) else None,
+        fs.setattr(ino, size=length,
                    mode=None if stat.S_ISLNK(mode) else stat.S_IMODE(mode),
                    uid=st.st_uid, gid=st.st_gid, atime_ns=st.st_atime_ns,
                    mtime_ns=st.st_mtime_ns)

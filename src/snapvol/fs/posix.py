@@ -18,10 +18,12 @@ from typing import TYPE_CHECKING, ParamSpec, TypeVar
 
 import numpy as np
 
-from snapvol.engine.image import XATTR_NAME_MAX, XATTR_SIZE_MAX, Image, Node, check_name, dtype_of
+from snapvol.engine.directory import check_name
+from snapvol.engine.image import XATTR_NAME_MAX, XATTR_SIZE_MAX, Image, Node, dtype_of
 from snapvol.errors import FsError, SnapvolError, fs_error
 from snapvol.layout import acl
 from snapvol.layout.constants import BLOCK_SIZE, MAX_FILE_SIZE, ROOT_INO
+from snapvol.layout.names import reserved_at_root
 
 if TYPE_CHECKING:
     from snapvol.engine.volume import Volume
@@ -79,6 +81,28 @@ def _now() -> int:
 
 def _name(name: str | bytes) -> bytes:
     return os.fsencode(name)
+
+
+def _kib(nblocks: int) -> str:
+    """Blocks as KiB, or MiB with one decimal from 1 MiB on."""
+    kib = nblocks * (BLOCK_SIZE // 1024)
+    return f"{kib} KiB" if kib < 1024 else f"{kib / 1024:.1f} MiB"
+
+
+def _check_new_name(parent: int, name: bytes, *, system: bool = False,
+                    err: int = errno.EEXIST) -> None:
+    """Refuse a name a new entry of directory `parent` cannot take: '.' and '..' exist
+    already (EEXIST, as mkdir answers), a bad name (see check_name), and a name reserved
+    at the root (snapvol.layout.names; answered with `err`) unless the caller is the one
+    that owns it (`system`: the mount's own directory)."""
+    if name == b"." or name == b"..":
+        raise fs_error(errno.EEXIST, os.fsdecode(name))
+    check_name(name)
+    if parent == ROOT_INO and not system:
+        why = reserved_at_root(name)
+        if why is not None:
+            raise FsError(err, f"/{os.fsdecode(name)} is reserved at the root of a volume "
+                               f"({why}): choose another name")
 
 
 class FileSystem:
@@ -180,7 +204,7 @@ class FileSystem:
                 if raw == b".":
                     return self._stat(pnode)
                 return self._stat(img.node(img.directory(pnode).parent_ino))
-            found = img.directory(pnode).find(raw) if len(raw) <= 255 else None
+            found = img.directory(pnode).find(raw)  # a bad name: FsError naming why
             if found is None:
                 raise fs_error(errno.ENOENT, os.fsdecode(raw))
             node = img.nodes.get(found[0])
@@ -222,13 +246,13 @@ class FileSystem:
             cookie = chunk[-1][3]
 
     def _new(self, parent: int, name: bytes, mode: int, uid: int, gid: int,
-             rdev: int = 0, umask: int = 0) -> tuple[Node, Node]:
+             rdev: int = 0, umask: int = 0, system: bool = False) -> tuple[Node, Node]:
         """A new inode named `name` in `parent`. Its permissions are `mode` less `umask`,
         or, when the parent has a default ACL, `mode` limited by that ACL (umask ignored),
         as on ext4: the new inode then also gets the access ACL the default one gives, and
         a directory the default ACL itself."""
         img = self._rw()
-        check_name(name)
+        _check_new_name(parent, name, system=system)
         pnode = self._dirnode(parent)
         d = img.directory(pnode)
         if d.lookup(name) is not None:
@@ -277,10 +301,12 @@ class FileSystem:
 
     @_locked
     def mkdir(self, parent: int, name: str | bytes, mode: int = 0o755, uid: int = 0,
-              gid: int = 0, umask: int = 0) -> Stat:
+              gid: int = 0, umask: int = 0, *, system: bool = False) -> Stat:
+        """Make a directory. `system` lets the mount make its own directory under a name
+        reserved at the root (snapvol.layout.names.RESERVED_ROOT_NAMES)."""
         img = self._rw()
         pnode, node = self._new(parent, _name(name), stat.S_IFDIR | stat.S_IMODE(mode), uid, gid,
-                                umask=umask)
+                                umask=umask, system=system)
         node.inode.nlink = 2
         img.format_directory(node, parent)
         pnode.inode.nlink += 1
@@ -312,7 +338,7 @@ class FileSystem:
     def link(self, ino: int, newparent: int, newname: str | bytes) -> Stat:
         img = self._rw()
         raw = _name(newname)
-        check_name(raw)
+        _check_new_name(newparent, raw)
         node = img.node(ino)
         if node.inode.is_dir:
             raise fs_error(errno.EPERM, "hard links to directories are not allowed")
@@ -345,8 +371,10 @@ class FileSystem:
         img = self._rw()
         raw = _name(name)
         pnode = self._dirnode(parent)
+        if raw == b"." or raw == b"..":
+            raise fs_error(errno.EISDIR, os.fsdecode(raw))  # as unlink(2) answers
         d = img.directory(pnode)
-        e = d.lookup(raw) if raw not in (b".", b"..") and len(raw) <= 255 else None
+        e = d.lookup(raw)
         if e is None:
             raise fs_error(errno.ENOENT, os.fsdecode(raw))
         node = img.node(e.ino)
@@ -369,7 +397,7 @@ class FileSystem:
             raise fs_error(errno.ENOTEMPTY, "rmdir ..")
         pnode = self._dirnode(parent)
         d = img.directory(pnode)
-        e = d.lookup(raw) if len(raw) <= 255 else None
+        e = d.lookup(raw)
         if e is None:
             raise fs_error(errno.ENOENT, os.fsdecode(raw))
         node = img.node(e.ino)
@@ -404,15 +432,17 @@ class FileSystem:
                flags: int = 0) -> None:
         img = self._rw()
         src_name, dst_name = _name(name), _name(newname)
-        check_name(dst_name)
-        if src_name in (b".", b".."):
+        if src_name in (b".", b"..") or dst_name in (b".", b".."):
             raise fs_error(errno.EINVAL, "cannot rename . or ..")
+        # Renaming *from* a reserved name is allowed: it is how an old volume's real
+        # /.snapshot directory gets out of the way.
+        _check_new_name(newparent, dst_name, err=errno.EPERM)
         if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE) or flags == (
                 RENAME_NOREPLACE | RENAME_EXCHANGE):
             raise fs_error(errno.EINVAL, f"rename flags {flags}")
         sp, dp = self._dirnode(parent), self._dirnode(newparent)
         sd, dd = img.directory(sp), img.directory(dp)
-        se = sd.lookup(src_name) if len(src_name) <= 255 else None
+        se = sd.lookup(src_name)
         if se is None:
             raise fs_error(errno.ENOENT, os.fsdecode(src_name))
         de = dd.lookup(dst_name)
@@ -665,6 +695,30 @@ class FileSystem:
         return {"bsize": BLOCK_SIZE, "blocks": u["total"], "bfree": free,
                 "bavail": avail, "namemax": 255}
 
+    @_locked
+    def check_room(self, nblocks: int, what: str) -> None:
+        """Refuse (ENOSPC), before anything changes, work whose file data needs at least
+        `nblocks` blocks when the volume cannot hold them: the test the engine applies to
+        each write (pending changes, this data, the reserve only deletions may use), made
+        once up front, so that such a refusal commits no CP and uses no space."""
+        self._rw()
+        if nblocks <= 0:
+            return  # no data: metadata may use the reserve, as the engine allows
+        vol = self.vol
+        alloc = vol.alloc
+        assert alloc is not None  # writable
+
+        def short() -> int:
+            return vol.active.pending_blocks() + nblocks + vol.meta_reserve - alloc.free
+
+        if short() > 0 and (alloc.frees_pending or vol.active.dirty):
+            vol.cp()  # what was freed since the last CP is free once it commits
+        missing = short()
+        if missing > 0:
+            raise FsError(errno.ENOSPC, f"no space left on volume {vol.path}: {what} needs at "
+                                        f"least {_kib(nblocks)}, {_kib(missing)} more than it "
+                                        "can take: delete files or snapshots to make room")
+
     # ---- paths --------------------------------------------------------------------------------
     @_locked
     def resolve(self, path: str | bytes, follow: bool = True) -> int:
@@ -684,7 +738,7 @@ class FileSystem:
                 ino = d.parent_ino
                 i += 1
                 continue
-            e = d.lookup(part) if len(part) <= 255 else None
+            e = d.lookup(part)
             if e is None:
                 raise fs_error(errno.ENOENT, os.fsdecode(raw))
             child = self.image.node(e.ino)

@@ -15,14 +15,13 @@ number 15, which the engine keeps reserved and never allocates.
 from __future__ import annotations
 
 from snapvol.layout.constants import FIRST_USER_INO, INOMAP_INO, ROOT_INO
+from snapvol.layout.names import SNAPDIR_NAME, UNLINKED_NAME
 
 SNAP_SHIFT = 40  # 2**40 inodes per image, 2**24 snapshot ids
 INO_MASK = (1 << SNAP_SHIFT) - 1
 FUSE_ROOT = 1
 SNAPDIR_INO = FIRST_USER_INO - 1  # reserved in the engine's numbering
-SNAPDIR_NAME = b".snapshot"
-# Where files unlinked while still open wait for their last close (hidden from listings).
-UNLINKED_NAME = b".snapvol-unlinked"
+__all__ = ["FUSE_ROOT", "SNAPDIR_INO", "SNAPDIR_NAME", "UNLINKED_NAME", "from_fuse", "to_fuse"]
 
 
 def to_fuse(snap_id: int, ino: int) -> int:

@@ -23,7 +23,6 @@ from typing import Any, ParamSpec, TypeVar
 import pyfuse3
 import trio
 
-from snapvol.engine.snapshots import SnapshotError, check_snapshot_name
 from snapvol.engine.volume import Volume
 from snapvol.errors import CorruptionError, FsError, SnapvolError
 from snapvol.fs import FileSystem
@@ -131,6 +130,7 @@ class SnapvolOperations(pyfuse3.Operations):
         self.initialized = False  # the kernel's INIT exchange is over (see init)
         if not self.readonly:
             self._drop_leftovers()
+        self._warn_reserved()
 
     def init(self) -> None:
         """The kernel's INIT request: libfuse sends the reply as this returns, and the
@@ -201,10 +201,26 @@ class SnapvolOperations(pyfuse3.Operations):
         return e
 
     @staticmethod
-    def _hidden(parent: int, name: bytes) -> bool:
-        """The name the root of every image hides: the unlinked files' directory is the
-        mount's own (.snapshot is virtual, so no image holds it)."""
-        return parent == ROOT_INO and name == UNLINKED_NAME
+    def _hidden(snap_id: int, parent: int, name: bytes) -> bool:
+        """Names of real entries the mount never shows: the unlinked files' directory at
+        the root of every image (it is the mount's own), and a real `.snapshot` at the
+        active root, which only a volume from before the name was reserved can hold
+        (snapvol.layout.names): `.snapshot` there is always the snapshots, whatever was
+        looked up or listed first. Inside a snapshot, such a directory is shown as it is."""
+        return parent == ROOT_INO and (name == UNLINKED_NAME or (
+            name == SNAPDIR_NAME and snap_id == 0))
+
+    def _warn_reserved(self) -> None:
+        """Say once, at mount time, that a real /.snapshot is hidden, and how to get at it."""
+        try:
+            self.active.lookup(ROOT_INO, SNAPDIR_NAME)
+        except SnapvolError:
+            return  # none (or damage, which reads of the root report themselves)
+        log.warning("%s holds a real directory /.snapshot, made before the name was "
+                    "reserved: the mount shows the snapshots there instead; copy it out "
+                    "with `snapvol get %s /.snapshot DEST` and remove it with `snapvol rm "
+                    "%s /.snapshot` (while unmounted)", self.vol.path, self.vol.path,
+                    self.vol.path)
 
     @staticmethod
     def _refuse_reserved(parent: int, name: bytes) -> None:
@@ -244,7 +260,7 @@ class SnapvolOperations(pyfuse3.Operations):
                 return self._snapdir_entry()
             if name == b".." and snap_id:
                 return self._snapdir_entry()
-            if self._hidden(parent, name):
+            if self._hidden(snap_id, parent, name):
                 raise _fail(errno.ENOENT)
         return self._entry(snap_id, view.lookup(parent, name))
 
@@ -325,18 +341,7 @@ class SnapvolOperations(pyfuse3.Operations):
         """`mkdir .snapshot/NAME`: take snapshot NAME (it commits a CP first)."""
         if self.readonly:
             raise _fail(errno.EROFS)
-        name = os.fsdecode(raw)
-        if self.snaps.by_name(name) is not None:
-            raise _fail(errno.EEXIST)
-        try:
-            check_snapshot_name(name)
-        except SnapshotError:
-            raise _fail(errno.EINVAL) from None
-        try:
-            entry = self.snaps.create(name)
-        except SnapshotError as e:
-            log.warning("mkdir .snapshot/%s: %s", name, e)
-            raise _fail(errno.ENOSPC) from None
+        entry = self.snaps.create(raw)  # each refusal with its own errno, logged
         view = self.snaps.view(entry.snap_id)
         assert view is not None
         return self._entry(entry.snap_id, view.getattr(ROOT_INO))
@@ -402,7 +407,7 @@ class SnapvolOperations(pyfuse3.Operations):
         except FsError as e:
             if e.errno != errno.ENOENT:
                 raise
-            return self.active.mkdir(ROOT_INO, UNLINKED_NAME, 0o700).ino
+            return self.active.mkdir(ROOT_INO, UNLINKED_NAME, 0o700, system=True).ino
 
     def _drop_leftovers(self) -> None:
         """Free files a crash left unlinked-but-open (their handles died with it)."""
@@ -451,15 +456,11 @@ class SnapvolOperations(pyfuse3.Operations):
             raise _fail(errno.EROFS)
         if flags & RENAME_EXCHANGE:
             raise _fail(errno.EINVAL)
-        a, b = os.fsdecode(old), os.fsdecode(new)
-        if self.snaps.by_name(a) is None:
+        if self.snaps.by_name(old) is None:  # a shadow snapshot is not in .snapshot
             raise _fail(errno.ENOENT)
-        if self.snaps.by_name(b) is not None:
+        if self.snaps.by_name(new) is not None:
             raise _fail(errno.EEXIST)
-        try:
-            self.snaps.rename(a, b)
-        except SnapshotError:
-            raise _fail(errno.EINVAL) from None
+        self.snaps.rename(old, new)  # each refusal with its own errno, logged
 
     def rename_snapshot(self, old: str, new: str) -> None:
         """`snapvol snap rename` through the control socket: rename, then make the kernel
@@ -623,7 +624,7 @@ class SnapvolOperations(pyfuse3.Operations):
                 up = self._entry(snap_id, view.lookup(ino, b".."))
             yield b"..", up, 2
         for name, child, _dtype, cookie in view.iterdir(ino, start, batch=256):
-            if self._hidden(ino, name):
+            if self._hidden(snap_id, ino, name):
                 continue
             yield name, self._entry(snap_id, view.getattr(child)), cookie
 

@@ -34,6 +34,7 @@ from snapvol.layout.constants import (
     MAX_SNAPSHOTS,
     SNAP_ENTRY_SIZE,
 )
+from snapvol.layout.names import InvalidName, check_stored_snapshot_name
 from snapvol.layout.snaptable import SNAP_IN_USE, SnapEntry
 from snapvol.planes import PLANE_BLOCK_BYTES, Plane
 
@@ -277,14 +278,13 @@ def encode_table(items: list[TableItem]) -> bytes:
 
 
 def check_entry_name(raw: bytes) -> str:
-    """The name of a table entry, or StreamError if the volume could not hold it."""
+    """The name of a table entry, or StreamError if the volume could not hold it. The
+    table's rule, not the stricter one for new names (snapvol.layout.names): a stream
+    from a volume that has older names still arrives whole."""
     try:
-        name = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        raise StreamError("image stream: a snapshot name is not valid UTF-8") from None
-    if not raw or len(raw) > MAX_NAME or "/" in name or "\x00" in name or name in (".", ".."):
-        raise StreamError(f"image stream: invalid snapshot name {name!r}")
-    return name
+        return check_stored_snapshot_name(raw)
+    except InvalidName as err:
+        raise StreamError(f"image stream: {err}") from None
 
 
 def decode_table(data: bytes | memoryview, header: StreamHeader) -> tuple[TableItem, ...]:
