@@ -129,8 +129,10 @@ def _detach(logfile: os.PathLike[str]) -> None:
     os.dup2(log, 2)
     os.close(null)
     os.close(log)
-    sys.stdout = open(1, "w", closefd=False)  # noqa: SIM115 (the process's own stdout)
-    sys.stderr = open(2, "w", closefd=False)  # noqa: SIM115
+    # A name that is not UTF-8 (os.fsdecode's surrogates) is logged as \xNN escapes
+    # instead of failing the log write.
+    sys.stdout = open(1, "w", closefd=False, errors="backslashreplace")  # noqa: SIM115
+    sys.stderr = open(2, "w", closefd=False, errors="backslashreplace")  # noqa: SIM115
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s snapvol mount[%(process)d] %(levelname)s: "
                                "%(message)s")
