@@ -34,8 +34,15 @@ from snapvol.image import (
     resume_token,
 )
 from snapvol.image.pipes import widen_pipe
-from snapvol.image.receiver import Source, pending_snapshot, read_header_from
+from snapvol.image.receiver import (
+    CREATE_MAX_BLOCKS,
+    Source,
+    pending_snapshot,
+    read_header_from,
+)
 from snapvol.image.sender import write_plan
+from snapvol.layout.constants import BLOCK_SIZE
+from snapvol.streams.imagestream import StreamTooLarge
 
 
 def receive_facts(vol: Volume) -> dict[str, Any]:
@@ -109,7 +116,10 @@ def receive_cmd(image: str, source: str | None, create: bool, abort_: bool,
             if os.path.lexists(image):
                 raise SnapvolError(f"{image} already exists: receive into it without "
                                    "--create, or name a new image")
-            header, chunks = read_header_from(f)
+            try:
+                header, chunks = read_header_from(f, CREATE_MAX_BLOCKS)
+            except StreamTooLarge as err:
+                raise SnapvolError(too_large_to_create(err)) from None
             Volume.create(image, header.nblocks * 4096).close()
         try:
             result = _receive_into(image, chunks)
@@ -130,6 +140,14 @@ def receive_cmd(image: str, source: str | None, create: bool, abort_: bool,
                f"blocks, {human_size(result.nbytes)} in {seconds:.1f}s")
     for name in result.dropped:
         click.echo(f"dropped snapshot {name}: the source no longer holds it")
+
+
+def too_large_to_create(err: StreamTooLarge) -> str:
+    """Why `--create` refuses a stream of a huge volume, and the way out."""
+    return (f"the stream is of a {human_size(err.nblocks * BLOCK_SIZE)} volume, larger than "
+            f"the {human_size(err.limit * BLOCK_SIZE)} that --create makes from a stream; "
+            "make the image yourself with 'snapvol create IMAGE --size SIZE' and receive "
+            "into it without --create")
 
 
 def _receive_into(image: str, chunks: Source) -> ReceiveResult:

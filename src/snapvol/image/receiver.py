@@ -64,12 +64,19 @@ from snapvol.streams.imagestream import (
     Record,
     StreamError,
     StreamHeader,
+    StreamTooLarge,
     TableItem,
     count_from,
     decode_table,
     encode_table,
     encode_token,
 )
+
+CREATE_MAX_BLOCKS = 1 << 32
+"""The largest volume a stream makes `receive --create` (and `restore --create`) create:
+16 TiB, whose planes take 512 MiB each. A stream's header is 128 bytes from a peer that
+may be hostile, and the volume it names costs memory in proportion to its size; a larger
+source is received into an image the user made with `snapvol create`."""
 
 CHECKPOINT_BYTES = 256 << 20
 """Block bytes between flushes that advance the resume point: at most this much is sent
@@ -206,10 +213,12 @@ class _Prefixed:
         return n
 
 
-def read_header_from(source: Readable) -> tuple[StreamHeader, Readable]:
+def read_header_from(source: Readable, max_blocks: int = CREATE_MAX_BLOCKS
+                     ) -> tuple[StreamHeader, Readable]:
     """`read_header` for a raw readable file: the header, and a readable that serves
-    the whole stream again."""
-    dec = Decoder()
+    the whole stream again. A header of a volume past `max_blocks` raises
+    StreamTooLarge."""
+    dec = Decoder(max_blocks)
     seen = bytearray()
 
     def keep(buffer: memoryview) -> int | None:
@@ -224,10 +233,11 @@ def read_header_from(source: Readable) -> tuple[StreamHeader, Readable]:
     return rec.header, _Prefixed(bytes(seen), source)
 
 
-def read_header(chunks: Iterable[bytes]) -> tuple[StreamHeader, Iterator[bytes]]:
+def read_header(chunks: Iterable[bytes], max_blocks: int = CREATE_MAX_BLOCKS
+                ) -> tuple[StreamHeader, Iterator[bytes]]:
     """The header of a stream and the whole stream again (for `receive --create`, which
     needs the source's size before it can make the image)."""
-    dec = Decoder()
+    dec = Decoder(max_blocks)
     seen: list[bytes] = []
     it = iter(chunks)
     for chunk in it:
@@ -309,22 +319,25 @@ def receive(vol: Volume, chunks: Source, progress: Progress | None = None
     record is read into its own buffer and nothing is copied on the way to the device)."""
     if not vol.writable or vol.alloc is None:
         raise VolumeError(f"{vol.path} is open read-only; a receive writes to it")
-    dec = Decoder()
+    # The destination's size is the decoder's limit: a header naming a larger volume is
+    # refused before the selection plane (a bit per block of it) is made.
+    dec = Decoder(max_blocks=vol.nblocks)
     records = (_read_records(dec, chunks) if isinstance(chunks, Readable)
                else _records(dec, iter(chunks)))
     first: Record | None = None
-    for rec in records:
-        if isinstance(rec, (BlocksRecord, EndRecord)):
-            first = rec
-            break
+    try:
+        for rec in records:
+            if isinstance(rec, (BlocksRecord, EndRecord)):
+                first = rec
+                break
+    except StreamTooLarge as err:
+        raise VolumeError(
+            f"{vol.path} is smaller than the source ({vol.nblocks * BLOCK_SIZE} bytes, the "
+            f"stream needs {err.nblocks * BLOCK_SIZE}); receive into a larger image, or a "
+            "new one with --create") from None
     header, items, selection = dec.header, dec.table, dec.plane
     assert first is not None and header is not None and selection is not None
     if selection.nblocks != vol.nblocks:
-        if header.nblocks > vol.nblocks:
-            raise VolumeError(
-                f"{vol.path} is smaller than the source ({vol.nblocks * BLOCK_SIZE} bytes, "
-                f"the stream needs {header.nblocks * BLOCK_SIZE}); receive into a larger "
-                "image, or a new one with --create")
         selection = selection.resized(vol.nblocks)
     with vol.mutex:
         resumed, dropped = _admit(vol, header, items, selection)

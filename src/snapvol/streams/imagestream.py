@@ -598,12 +598,12 @@ class Decoder:
             raise StreamError(f"record {self.seq - 1} is {name} where {want} was expected "
                               "(records out of order)")
         if rtype == REC_HEADER:
-            header = StreamHeader.decode(payload)
-            if header.nblocks > self.max_blocks:
-                raise StreamTooLarge(header.nblocks, self.max_blocks)
-            self.header = header
-            self.plane = Plane.zeros(header.nblocks)
-            self._next_vbn = self.header.resume_from
+            new = StreamHeader.decode(payload)
+            if new.nblocks > self.max_blocks:
+                raise StreamTooLarge(new.nblocks, self.max_blocks)
+            self.header = new
+            self.plane = Plane.zeros(new.nblocks)
+            self._next_vbn = new.resume_from
             self._state = self._TABLE
             return HeaderRecord(self.header)
         header, plane = self.header, self.plane
