@@ -55,7 +55,8 @@ def receive_facts(vol: Volume) -> dict[str, Any]:
 @click.argument("snap")
 @click.option("--base", help="Send only the changes since this older snapshot.")
 @click.option("-o", "--output", "output", type=click.Path(dir_okay=False),
-              help="Write the stream to this file instead of stdout.")
+              help="Write the stream to this new file (never replaced: it appears only "
+                   "when complete), or to a device or FIFO, instead of stdout.")
 @click.option("--dry-run", is_flag=True, help="Print the exact size; send nothing.")
 @click.option("--resume", "token", help="Send only what an interrupted receive lacks "
               "(the token 'snapvol info DEST --json' shows).")
@@ -79,8 +80,7 @@ def send(image: str, snap: str, base: str | None, output: str | None, dry_run: b
                            f"{p.nblocks} blocks): snapshot {snap}, {what}")
             return
         with stream_output(output) as out, byte_progress("sending") as progress:
-            if output is None:
-                widen_pipe(sys.stdout.fileno())  # a whole record per wake-up of the reader
+            widen_pipe(out.fileno())  # a pipe or FIFO: a whole record per wake-up of the reader
             write_plan(vol, p, out, progress)
 
 

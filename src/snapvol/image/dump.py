@@ -98,16 +98,18 @@ def plan_dump(vol: Volume, snap: str, level: int) -> tuple[SendPlan, DumpRecord 
 
 
 def dump(vol: Volume, snap: str, level: int, out: IO[bytes],
-         progress: Progress | None = None) -> DumpRecord:
+         progress: Progress | None = None, record: bool = True) -> DumpRecord:
     """Write a level-`level` dump of snapshot `snap` to `out` and record it in `vol`
-    (open writable). The record is added only after the whole stream is written."""
+    (open writable). The record is added only after the whole stream is written; with
+    `record` False the caller adds it (`dumps.record`) once the output is in place."""
     with vol.mutex:
         p, base = plan_dump(vol, snap, level)
         done = write_plan(vol, p, out, progress)
         top = p.snap
         rec = DumpRecord(level, top.guid, top.name, top.cp_count, time.time_ns(), done,
                          base.snap_guid if base is not None else bytes(16))
-        dumps.record(vol, rec)
+        if record:
+            dumps.record(vol, rec)
         return rec
 
 
