@@ -14,12 +14,16 @@ from pathlib import Path
 
 import pytest
 
-from conftest import assert_fsck_clean
+from conftest import assert_fsck_clean, read_tree
 from snapvol import image
+from snapvol.device import MemoryDevice
 from snapvol.engine import snapshots
+from snapvol.engine.volume import Volume
 from snapvol.errors import VolumeError
-from test_cli import COMMAND
-from test_send_receive import blocks_of, mutate, new_volume, stream
+from snapvol.fs import FileSystem
+from snapvol.image.sender import SendError
+from test_cli import COMMAND, fails, run
+from test_send_receive import assert_mirrors, blocks_of, mutate, new_volume, stream
 from test_stream_format import seal, split_records
 
 
@@ -84,7 +88,6 @@ def test_receive_create_refuses_a_huge_header(tmp_path: Path) -> None:
 
 
 def test_restore_refuses_a_dump_larger_than_its_image(tmp_path: Path) -> None:
-    from snapvol.engine.volume import Volume
     from snapvol.image.dump import DumpError, restore
 
     _, src = new_volume()
@@ -101,3 +104,96 @@ def test_restore_refuses_a_dump_larger_than_its_image(tmp_path: Path) -> None:
     dump.write_bytes(stream(src, "s"))  # the source is 32 MiB
     with pytest.raises(DumpError, match=f"larger than {small}"):
         restore(str(small), [str(dump)], create=False)
+
+
+def test_volumes_of_several_plane_blocks_round_trip() -> None:
+    """A volume of three plane blocks whose summary plane is still all holes (a tree of
+    height 0 that names 3 blocks): its table entries are well formed, and a full stream
+    and an increment arrive whole."""
+    rng = random.Random(4)
+    _, src = new_volume(70_000)
+    mutate(src, rng)
+    snapshots.create(src, "a")
+    mutate(src, rng)
+    snapshots.create(src, "b")
+    assert src.snapshots.get("a").summary_plane.nblocks == 3
+    _, dst = new_volume(70_000)
+    image.receive(dst, [stream(src, "a")])
+    image.receive(dst, [stream(src, "b", "a")])
+    assert_mirrors(dst, src, "b")
+
+
+# ---- item 5: a send reads every block through its pointer's checksum ---------------------
+def damaged_source(level: int = 0) -> tuple[MemoryDevice, Volume, int]:
+    """A source with snapshot `s` holding /docs/report.bin (300 blocks: a tree of height
+    1), then one byte of that file flipped on the device: in its first data block
+    (level 0) or in its indirect block (level 1). Returns the damaged VBN."""
+    dev, vol = new_volume()
+    fs = FileSystem(vol)
+    fs.makedirs(b"/docs")
+    fs.write_file(b"/docs/report.bin", random.Random(5).randbytes(300 * 4096))
+    fs.write_file(b"/other.txt", b"fine" * 1000)
+    snapshots.create(vol, "s")
+    node = vol.snapshot_image("s").node(fs.resolve(b"/docs/report.bin"))
+    assert node.tree.height == 1
+    vbn = node.tree.data_ptr(0)[0] if level == 0 else int(node.tree.top[0]["vbn"])
+    raw = bytearray(dev.read(vbn))
+    raw[100] ^= 0x01
+    dev.write(vbn, bytes(raw))
+    vol.io.drop_cache()
+    return dev, vol, vbn
+
+
+@pytest.mark.parametrize("level", [0, 1])
+def test_a_damaged_block_stops_the_send_naming_block_and_file(level: int) -> None:
+    """A rotten block on the source never reaches a mirror as valid data: the send
+    stops at it with SendError naming the VBN and the file that uses it (item 5)."""
+    _, src, vbn = damaged_source(level)
+    with pytest.raises(SendError, match=rf"block {vbn} .*used by /docs/report.bin in "
+                                        r"snapshot 's'.*snapvol fsck"):
+        stream(src, "s")
+    _, dst = new_volume()
+    before = read_tree(FileSystem(dst))
+    with pytest.raises(SendError):
+        image.receive(dst, image.send(src, "s"))
+    assert read_tree(FileSystem(dst)) == before  # nothing of the damage arrived
+
+
+def test_an_increment_is_checked_too() -> None:
+    """An increment carries only changed blocks, and checks each of them."""
+    dev, src, _ = damaged_source()
+    fs = FileSystem(src)
+    ino = fs.resolve(b"/other.txt")
+    fs.write(ino, 0, b"changed" * 100)
+    snapshots.create(src, "t")
+    vbn = src.snapshot_image("t").node(ino).tree.data_ptr(0)[0]
+    raw = bytearray(dev.read(vbn))
+    raw[0] ^= 0x80
+    dev.write(vbn, bytes(raw))
+    with pytest.raises(SendError, match=rf"block {vbn} .*used by /other.txt in snapshot 't'"):
+        stream(src, "t", "s")
+
+
+def image_of(dev: MemoryDevice, path: Path) -> Path:
+    """An image file holding the blocks of a memory device."""
+    with open(path, "wb") as f:
+        f.truncate(dev.nblocks * 4096)
+        for v in dev.written_vbns():
+            f.seek(v * 4096)
+            f.write(dev.read(v))
+    return path
+
+
+def test_send_and_dump_of_a_damaged_image_fail_in_one_line(tmp_path: Path) -> None:
+    """From the command line: exit 2, one line naming the block and the file, and no
+    output file is left behind (item 1's rule: it appears only when complete); a dump
+    that failed is not recorded as a base for the next one."""
+    dev, _, vbn = damaged_source()
+    img = image_of(dev, tmp_path / "src.img")
+    out = tmp_path / "s.svs"
+    for args in (("send", img, "s"), ("dump", img, "s", "--level", "0")):
+        err = fails(*args, "-o", out, says=f"block {vbn} fails its checksum")
+        assert "used by /docs/report.bin in snapshot 's'" in err
+        assert not out.exists()
+        assert [p.name for p in tmp_path.iterdir()] == ["src.img"]
+    assert run("dump", "--list", img).stdout == b"no dumps\n"

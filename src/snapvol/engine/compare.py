@@ -183,11 +183,13 @@ def _with_paths(diffs: list[InodeDiff], a: Image, b: Image) -> list[InodeDiff]:
     for image in (a, b):
         want = {d.ino for d in diffs} - set(paths)
         if want:
-            paths.update(_find_paths(image, want))
+            paths.update(find_paths(image, want))
     return [InodeDiff(d.ino, d.change, d.what, paths.get(d.ino)) for d in diffs]
 
 
-def _find_paths(image: Image, want: set[int]) -> dict[int, str]:
+def find_paths(image: Image, want: set[int]) -> dict[int, str]:
+    """A path for each inode of `want` that a directory of `image` names (a search of
+    the tree, stopping once all are found; damaged directories only cost their names)."""
     found: dict[int, str] = {}
     if ROOT_INO in want:
         found[ROOT_INO] = "/"

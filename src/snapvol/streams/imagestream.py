@@ -36,7 +36,6 @@ from snapvol.layout.constants import (
     MAX_HEIGHT,
     MAX_NAME,
     MAX_SNAPSHOTS,
-    PTR_SHIFT,
     SNAP_ENTRY_SIZE,
     SNAP_TABLE_BLOCKS,
 )
@@ -328,13 +327,14 @@ KNOWN_ENTRY_FLAGS = SNAP_IN_USE | SNAP_SHADOW | SNAP_REPLICA
 
 def _check_tree(root: TreeRoot, what: str, nblocks: int) -> None:
     """A tree root of a table entry: its top pointer a hole or inside the data area of a
-    volume of `nblocks`, its height inside the format's and its size inside its height."""
+    volume of `nblocks`, and its height inside the format's. (Its size may pass what the
+    height addresses: blocks past the last written one are holes.)"""
     vbn = root.ptr.vbn
     if vbn and not FIRST_DATA_VBN <= vbn < nblocks:
         raise StreamError(f"{what}: its root points to VBN {vbn}, outside the volume")
-    if root.height > MAX_HEIGHT or root.nblocks > 1 << (PTR_SHIFT * root.height):
-        raise StreamError(f"{what}: height {root.height} and size {root.nblocks} blocks "
-                          "are out of range")
+    if root.height > MAX_HEIGHT:
+        raise StreamError(f"{what}: height {root.height} is out of range (at most "
+                          f"{MAX_HEIGHT})")
     if not vbn and root.ptr.csum:
         raise StreamError(f"{what}: a hole with a checksum")
 
