@@ -6,6 +6,7 @@ reach before the switch, and refuses a crafted stream with the destination uncha
 
 from __future__ import annotations
 
+import json
 import random
 import struct
 import subprocess
@@ -22,6 +23,8 @@ from snapvol.engine.volume import Volume
 from snapvol.errors import VolumeError
 from snapvol.fs import FileSystem
 from snapvol.image.sender import SendError
+from snapvol.layout.checksum import block_checksum
+from snapvol.streams.imagestream import StreamError
 from test_cli import COMMAND, fails, run
 from test_send_receive import assert_mirrors, blocks_of, mutate, new_volume, stream
 from test_stream_format import seal, split_records
@@ -197,3 +200,174 @@ def test_send_and_dump_of_a_damaged_image_fail_in_one_line(tmp_path: Path) -> No
         assert not out.exists()
         assert [p.name for p in tmp_path.iterdir()] == ["src.img"]
     assert run("dump", "--list", img).stdout == b"no dumps\n"
+
+
+# ---- item 8: a receive checks what it installs -----------------------------------------
+TOP_ENTRY = 8 + 8  # the TABLE payload: count, then the top entry (its role, then 512 bytes)
+
+
+def crafted(data: bytes, *, table: dict[int, tuple[str, int]] | None = None,
+            block_byte: int | None = None) -> bytes:
+    """The stream with fields of its TABLE payload changed (offset -> (format, value)) or
+    one byte of its first BLOCKS record's data flipped, every record checksum recomputed:
+    what a hostile peer sends. Only the checks of meaning can refuse it."""
+    records = split_records(data)
+    if table:
+        rtype, flags, reserved, body = records[1]
+        raw = bytearray(body)
+        for at, (fmt, value) in table.items():
+            struct.pack_into(fmt, raw, at, value)
+        records[1] = (rtype, flags, reserved, bytes(raw))
+    if block_byte is not None:
+        i = next(i for i, r in enumerate(records) if r[0] == 4)
+        rtype, flags, reserved, body = records[i]
+        raw = bytearray(body)
+        raw[16 + block_byte] ^= 0x01
+        records[i] = (rtype, flags, reserved, bytes(raw))
+    return seal(records)
+
+
+def first_blocks(data: bytes) -> tuple[int, bytes]:
+    """The VBN and data of the first BLOCKS record."""
+    body = next(r[3] for r in split_records(data) if r[0] == 4)
+    return struct.unpack_from("<Q", body)[0], body[16:]
+
+
+def state(vol: Volume) -> tuple[object, list[str], int]:
+    return (read_tree(FileSystem(vol)), [e.name for e in vol.snapshots.entries()],
+            vol.usage()["free"])
+
+
+@pytest.fixture
+def pair() -> tuple[Volume, MemoryDevice, Volume]:
+    """A source with snapshots s0 and s1, and a destination that received s0."""
+    rng = random.Random(21)
+    _, src = new_volume()
+    mutate(src, rng, 15)
+    snapshots.create(src, "s0")
+    mutate(src, rng, 15)
+    snapshots.create(src, "s1")
+    dev, dst = new_volume()
+    image.receive(dst, [stream(src, "s0")])
+    return src, dev, dst
+
+
+def forged_root_cases(data: bytes) -> dict[str, dict[int, tuple[str, int]]]:
+    """TABLE changes to the top snapshot's inode-file root (vbn at entry offset 64)."""
+    root = TOP_ENTRY + 64
+    _, csum = struct.unpack_from("<QQ", split_records(data)[1][3], root)
+    other_vbn, other = first_blocks(data)
+    other_csum = block_checksum(other[:4096], other_vbn)
+    return {
+        "checksum": {root + 8: ("<Q", csum ^ 1)},
+        "free block": {root: ("<Q", 8000)},  # free on the destination, not in the stream
+        "another block": {root: ("<Q", other_vbn), root + 8: ("<Q", other_csum)},
+        "height": {root + 16: ("<B", 1 + split_records(data)[1][3][root + 16])},
+    }
+
+
+@pytest.mark.parametrize("case", ["checksum", "free block", "another block", "height"])
+@pytest.mark.parametrize("kind", ["full", "incremental"])
+def test_forged_tree_roots_are_refused(pair: tuple[Volume, MemoryDevice, Volume],
+                                       case: str, kind: str) -> None:
+    """A stream whose top snapshot's inode-file root was changed (and every record
+    checksum recomputed) is refused before the switch, and the destination is as it
+    was: same tree, same snapshots, same free space, no partial receive, fsck clean."""
+    src, _, dst = pair
+    if kind == "full":
+        _, dst = new_volume()
+    data = stream(src, "s1") if kind == "full" else stream(src, "s1", "s0")
+    before = state(dst)
+    with pytest.raises(StreamError, match=r"the stream is refused: .*snapshot 's1' of the "
+                                          r"stream.*nothing was installed.*keeps its "
+                                          "previous state"):
+        image.receive(dst, [crafted(data, table=forged_root_cases(data)[case])])
+    assert state(dst) == before
+    assert image.resume_token(dst) is None
+    assert_fsck_clean(dst)
+    image.receive(dst, [data])  # the genuine stream is received afterwards
+    assert_mirrors(dst, src, "s1")
+
+
+def test_forged_block_data_is_refused(pair: tuple[Volume, MemoryDevice, Volume]) -> None:
+    """A block whose bytes changed in transit, its record checksum recomputed: it does
+    not match the pointer that leads to it, so it never arrives as data."""
+    src, _, dst = pair
+    data = stream(src, "s1", "s0")
+    vbn, _ = first_blocks(data)
+    before = state(dst)
+    with pytest.raises(StreamError, match=rf"block {vbn} of snapshot 's1' of the stream "
+                                          "arrived with other contents than its tree says"):
+        image.receive(dst, [crafted(data, block_byte=5)])
+    assert state(dst) == before and image.resume_token(dst) is None
+    assert_fsck_clean(dst)
+
+
+def with_stray_block(data: bytes, vbn: int) -> bytes:
+    """The stream with one more selected block (in plane block 0), carried in a BLOCKS
+    record of its own, and the header's and END's counts to match: well formed."""
+    records = split_records(data)
+    rtype, flags, reserved, body = records[0]
+    header = bytearray(body)
+    struct.pack_into("<Q", header, 80, struct.unpack_from("<Q", header, 80)[0] + 1)
+    records[0] = (rtype, flags, reserved, bytes(header))
+    i = next(i for i, r in enumerate(records) if r[0] == 3)
+    rtype, flags, reserved, body = records[i]
+    plane = bytearray(body)
+    count = struct.unpack_from("<I", plane)[0]
+    assert struct.unpack_from("<I", plane, 8)[0] == 0  # the first plane block is block 0
+    plane[len(plane) - count * 4096 + vbn // 8] |= 1 << (vbn % 8)
+    records[i] = (rtype, flags, reserved, bytes(plane))
+    blocks = [i for i, r in enumerate(records) if r[0] == 4]
+    at = next((i for i in blocks if struct.unpack_from("<Q", records[i][3])[0] > vbn),
+              blocks[-1] + 1)
+    records.insert(at, (4, 1, 0, struct.pack("<QI4x", vbn, 1) + random.randbytes(4096)))
+    rtype, flags, reserved, body = records[-1]
+    nblocks, nrecords = struct.unpack_from("<QQ", body)
+    records[-1] = (rtype, flags, reserved, struct.pack("<QQ16x", nblocks + 1, nrecords + 1))
+    return seal(records)
+
+
+def test_a_stray_block_is_refused(pair: tuple[Volume, MemoryDevice, Volume]) -> None:
+    """A stream that carries a block none of its trees reach (its plane, counts and
+    records forged to match) is refused, and its blocks discarded."""
+    src, _, dst = pair
+    data = stream(src, "s1", "s0")
+    before = state(dst)
+    with pytest.raises(StreamError, match=r"carries 1 block\(s\) that no tree of its "
+                                          r"snapshots reaches \(the first is 8000\)"):
+        image.receive(dst, [with_stray_block(data, 8000)])
+    assert state(dst) == before and image.resume_token(dst) is None
+    assert_fsck_clean(dst)
+
+
+def test_receive_of_a_forged_stream_fails_in_one_line(tmp_path: Path) -> None:
+    """`snapvol receive` of a forged stream: exit 2, one line, and the destination opens,
+    checks clean and holds no partial receive."""
+    _, src = new_volume()
+    mutate(src, random.Random(22), 10)
+    snapshots.create(src, "s0")
+    data = stream(src, "s0")
+    forged = tmp_path / "forged.svs"
+    forged.write_bytes(crafted(data, table=forged_root_cases(data)["free block"]))
+    dst = tmp_path / "dst.img"
+    run("create", dst, "--size", "32M")
+    fails("receive", dst, "-i", forged, says="the stream is refused: the trees of snapshot "
+                                             "'s0' of the stream lead to block 8000")
+    run("fsck", dst)
+    info = json.loads(run("info", dst, "--json").stdout)
+    assert info["resume_token"] is None and info["snapshots"] == 0
+
+
+def test_restore_of_a_forged_dump_is_refused(tmp_path: Path) -> None:
+    from snapvol.image.dump import restore
+
+    _, src = new_volume()
+    mutate(src, random.Random(23), 10)
+    snapshots.create(src, "s0")
+    data = stream(src, "s0")
+    dump = tmp_path / "forged.l0"
+    dump.write_bytes(crafted(data, block_byte=9))
+    with pytest.raises(StreamError, match="arrived with other contents than its tree says"):
+        restore(str(tmp_path / "new.img"), [str(dump)], create=True)
+    assert not (tmp_path / "new.img").exists()

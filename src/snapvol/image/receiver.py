@@ -16,7 +16,16 @@ The order is what keeps the destination safe (DESIGN.md §3.5-3.7):
    in the root how far blocks are durable: that is the resume token's VBN. The thread
    lets blocks keep arriving during the flush (the receive does not stall on it), and
    the writeback it forces overlaps the transfer instead of piling up for the end.
-4. At END the device is flushed and one CP makes the received snapshot's inode file the
+4. At END, before anything is installed, the trees the stream brings are checked
+   (`_check_install`): walked inside the selection (engine/reach.py), every block they
+   reach must have arrived with the checksum their pointers give it (each BLOCKS record
+   is hashed as it is written, one call into C), every pointer must lie in the volume and
+   every one leaving the selection must lead into a snapshot this destination holds and
+   keeps; every tree's top is verified, each snapshot's trees stay inside its own plane,
+   and no block arrives that no tree reaches. A stream that fails (a crafted one: its
+   record checksums are right, its trees are not) is refused and its blocks discarded,
+   so the destination is exactly as it was.
+5. The device is flushed and one CP makes the received snapshot's inode file the
    active one, its table the table and the union of its planes the summary, releasing
    the pin: one root write, so a reader sees the old state or the new one, never a mix.
 
@@ -40,13 +49,17 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
 from typing import Protocol, runtime_checkable
 
+import numpy as np
+
 from snapvol.device import ImageDevice
 from snapvol.engine import shadows, snapshots
 from snapvol.engine.image import Image
+from snapvol.engine.reach import TREE_NAMES, DamagedBlock, Ranks, Reach, image_trees
 from snapvol.engine.snapshots import SnapshotTable
 from snapvol.engine.volume import Volume, root_of, tree_vbns
-from snapvol.errors import LockedError, VolumeError
+from snapvol.errors import LockedError, SnapvolError, VolumeError
 from snapvol.image.sender import Progress
+from snapvol.layout.checksum import run_checksums
 from snapvol.layout.constants import BLOCK_SIZE, ROOT_INO
 from snapvol.layout.records import RECEIVE_UPDATING
 from snapvol.layout.snaptable import SnapEntry
@@ -55,6 +68,7 @@ from snapvol.streams.imagestream import (
     HDR_RESUMED,
     HEADER_PAYLOAD,
     ROLE_BASE,
+    ROLE_CARRIED,
     ROLE_HELD,
     ROLE_TOP,
     BlocksRecord,
@@ -346,6 +360,9 @@ def receive(vol: Volume, chunks: Source, progress: Progress | None = None
     written_to, pending, nblocks = done_before, 0, 0
     write = vol.dev.writev
     checkpoints = _Checkpointer(vol)
+    # The checksum of every block as it arrived, by rank in the selection, for the check
+    # against the trees at the end (the pointers to a block mostly come after it).
+    got = Arrived(selection)
     try:
         rec = first
         while not isinstance(rec, EndRecord):
@@ -353,6 +370,7 @@ def receive(vol: Volume, chunks: Source, progress: Progress | None = None
             end = rec.vbn + rec.count
             if end > done_before:
                 write(rec.vbn, [rec.data])
+                got.add(rec.vbn, rec.count, rec.data)
                 nblocks += rec.count
                 pending += rec.count * BLOCK_SIZE
             written_to = max(written_to, end)
@@ -380,11 +398,161 @@ def receive(vol: Volume, chunks: Source, progress: Progress | None = None
         raise
     vol.dev.flush()
     with vol.mutex:
+        try:
+            _check_install(vol, items, selection, got)
+        except Refused as err:
+            raise _refuse(vol, items, str(err)) from None
         top, base, more = _switch(vol, items)
     if progress is not None:
         progress(dec.offset, dec.offset)
     return ReceiveResult(top.name, _guid(top.guid), base, nblocks, dec.offset, resumed,
                          tuple(dropped + more))
+
+
+class Arrived:
+    """The checksums of the selected blocks as they arrived (one C call per record),
+    by rank in the selection, and which ones arrived in this run."""
+
+    def __init__(self, selection: Plane) -> None:
+        self.ranks = Ranks(selection)
+        self.csums = np.zeros(self.ranks.total, dtype=np.uint64)
+        self.hashed = Plane.zeros(selection.nblocks)
+        self.selection = selection
+
+    def add(self, vbn: int, count: int, data: bytes | memoryview) -> None:
+        at = self.ranks.one(vbn)
+        self.csums[at : at + count] = run_checksums(data, vbn)
+        self.hashed.set_range(vbn, count)
+
+    def read_back(self, vol: Volume) -> None:
+        """Hash the selected blocks an earlier run of a resumed receive wrote (this run
+        skipped them) from the device."""
+        missing = difference(self.selection, self.hashed).members()
+        if not len(missing):
+            return
+        breaks = (np.flatnonzero(np.diff(missing.view(np.int64)) != 1) + 1).tolist()
+        heads = missing[[0, *breaks]].tolist()
+        for lo, hi, v0 in zip([0, *breaks], [*breaks, len(missing)], heads, strict=True):
+            for at in range(0, hi - lo, 256):
+                n = min(256, hi - lo - at)
+                self.add(v0 + at, n, vol.dev.read(v0 + at, n))
+
+
+class Refused(SnapvolError):
+    """What the stream would install fails a check (`_check_install`)."""
+
+
+def _check_install(vol: Volume, items: tuple[TableItem, ...], selection: Plane,
+                   got: Arrived) -> None:
+    """Before the switch: check what the stream would install (its snapshots' trees) and
+    every block they reach. Raises Refused, naming the snapshot and the block.
+
+    - every pointer lies in the volume's data area (engine/reach.py);
+    - inside the selection, every block a tree reaches arrived with the checksum its
+      pointer gives (the indirect and inode-file blocks on the way are read and verified
+      while walking); a block no tree reaches did not belong in the stream;
+    - outside the selection, a pointer leads into a snapshot this destination holds and
+      keeps (BASE and the held ones), whose blocks are not sent again; a tree's top there
+      is read and verified;
+    - a snapshot's trees reach each block once, and only blocks of its own plane (which
+      becomes the active plane or joins the summary: a block outside it could be handed
+      out again under the tree)."""
+    got.read_back(vol)
+    by_guid = {e.guid: e for e in vol.snapshots.slots.values()}
+    held = [by_guid[i.entry.guid] for i in items
+            if i.role in (ROLE_BASE, ROLE_HELD) and i.entry.guid in by_guid]
+    kept = union(*(_plane(vol, e) for e in held)) if held else Plane.zeros(vol.nblocks)
+    reach = Reach(vol.io, vol.nblocks, within=selection)
+    reached = Plane.zeros(vol.nblocks)
+    for item in items:
+        if item.role in (ROLE_TOP, ROLE_CARRIED):
+            _EntryCheck(vol, item.entry, selection, kept, got, reached).run(reach)
+    stray = difference(selection, reached)
+    if stray.count():
+        raise Refused(f"the stream carries {stray.count()} block(s) that no tree of its "
+                      f"snapshots reaches (the first is {int(stray.members()[0])})")
+
+
+class _EntryCheck:
+    """`_check_install` for the trees of one snapshot the stream brings."""
+
+    def __init__(self, vol: Volume, entry: SnapEntry, selection: Plane, kept: Plane,
+                 got: Arrived, reached: Plane) -> None:
+        self.vol, self.entry, self.selection, self.kept = vol, entry, selection, kept
+        self.got, self.reached = got, reached
+        self.what = f"snapshot {entry.name!r} of the stream"
+        try:
+            self.plane = _plane(vol, entry)
+        except SnapvolError as err:
+            raise Refused(f"the plane of {self.what} cannot be read: {err}") from None
+        self.mine = Plane.zeros(vol.nblocks)
+
+    def run(self, reach: Reach) -> None:
+        vol = self.vol
+        for name, root in zip(TREE_NAMES, self.entry.trees, strict=True):
+            vbn = root.ptr.vbn
+            if not vbn or self.selection.test(vbn):
+                continue  # a hole, or read and verified by the walk
+            self.outside(np.array([vbn], dtype=np.uint64), np.zeros(1, dtype=np.uint64),
+                         root.height, claim=False)
+            try:
+                vol.io.read(vbn, root.ptr.csum)
+            except SnapvolError:
+                raise Refused(f"the root of {name} of {self.what} names block {vbn} with "
+                              "a checksum the block does not have") from None
+        try:
+            reach.walk(image_trees(self.entry.trees), self.inside, self.outside)
+        except DamagedBlock as err:
+            raise Refused(f"the trees of {self.what} are damaged: {err}") from None
+
+    def _claim(self, vbns: np.ndarray) -> None:
+        mine = self.mine
+        if len(np.unique(vbns)) != len(vbns) or mine.test_many(vbns).any():
+            twice = [int(v) for v in vbns if mine.test(int(v))] or [int(vbns[0])]
+            raise Refused(f"the trees of {self.what} reach block {twice[0]} twice")
+        mine.set_many(vbns)
+        alien = ~self.plane.test_many(vbns)
+        if alien.any():
+            raise Refused(f"the trees of {self.what} reach block {int(vbns[alien][0])}, "
+                          "which its plane does not hold")
+
+    def inside(self, vbns: np.ndarray, csums: np.ndarray, level: int) -> None:
+        got = self.got
+        wrong = got.csums[got.ranks.of(vbns)] != csums
+        if wrong.any():
+            raise Refused(f"block {int(vbns[wrong][0])} of {self.what} arrived with other "
+                          "contents than its tree says (damaged or forged data)")
+        self._claim(vbns)
+        self.reached.set_many(vbns)
+
+    def outside(self, vbns: np.ndarray, csums: np.ndarray, level: int,
+                claim: bool = True) -> None:
+        foreign = ~self.kept.test_many(vbns)
+        if foreign.any():
+            raise Refused(f"the trees of {self.what} lead to block {int(vbns[foreign][0])}, "
+                          "which neither the stream nor a snapshot this destination keeps "
+                          "holds")
+        if claim:
+            self._claim(vbns)
+
+
+def _refuse(vol: Volume, items: tuple[TableItem, ...], why: str) -> StreamError:
+    """Refuse a stream whose trees failed `_check_install`, leaving the destination as it
+    was: the blocks it brought are discarded (its pin released), unless the receive
+    overwrote blocks of the current state (a shadow base): then it stays pending, to be
+    finished from a sound source."""
+    name = next(i.entry.name for i in items if i.role == ROLE_TOP)
+    if vol.receive_flags & RECEIVE_UPDATING:
+        return StreamError(
+            f"{vol.path}: the stream is refused: {why}; nothing was installed, and the "
+            f"partial receive of {name!r} stays (it overwrote blocks of the previous "
+            f"state, so it cannot be discarded): finish it from a sound source with "
+            f"'snapvol send SOURCE {name} --base BASE --resume {resume_token(vol)}'")
+    vol.cp()
+    _release(vol)
+    return StreamError(f"{vol.path}: the stream is refused: {why}; nothing was installed "
+                       f"and the blocks it brought were discarded: {vol.path} keeps its "
+                       "previous state")
 
 
 def _checkpoint(vol: Volume, written_to: int) -> None:
