@@ -64,6 +64,7 @@ from snapvol.layout.constants import BLOCK_SIZE, ROOT_INO
 from snapvol.layout.records import RECEIVE_UPDATING
 from snapvol.layout.snaptable import SnapEntry
 from snapvol.planes import Plane, difference, intersection, union
+from snapvol.planes.algebra import union_into
 from snapvol.streams.imagestream import (
     HDR_RESUMED,
     HEADER_PAYLOAD,
@@ -411,31 +412,44 @@ def receive(vol: Volume, chunks: Source, progress: Progress | None = None
 
 class Arrived:
     """The checksums of the selected blocks as they arrived (one C call per record),
-    by rank in the selection, and which ones arrived in this run."""
+    by rank in the selection.
+
+    The records a run writes are the stream's from the first one past what an earlier
+    run made durable, and (the decoder checks) they are ascending runs of the selection
+    that END finds complete: so record k's first block has the rank of the first one
+    plus the blocks before it, and what this run did not hash is the selection below
+    the first block it wrote."""
 
     def __init__(self, selection: Plane) -> None:
         self.ranks = Ranks(selection)
         self.csums = np.zeros(self.ranks.total, dtype=np.uint64)
-        self.hashed = Plane.zeros(selection.nblocks)
         self.selection = selection
+        self._next = -1  # the rank of the next block to arrive (-1: none has yet)
+        self._first_vbn = selection.nblocks
 
     def add(self, vbn: int, count: int, data: bytes | memoryview) -> None:
-        at = self.ranks.one(vbn)
+        at = self._next
+        if at < 0:
+            at, self._first_vbn = self.ranks.one(vbn), vbn
         self.csums[at : at + count] = run_checksums(data, vbn)
-        self.hashed.set_range(vbn, count)
+        self._next = at + count
 
     def read_back(self, vol: Volume) -> None:
-        """Hash the selected blocks an earlier run of a resumed receive wrote (this run
-        skipped them) from the device."""
-        missing = difference(self.selection, self.hashed).members()
+        """Hash from the device the selected blocks that an earlier run of a resumed
+        receive wrote (this run skipped them)."""
+        below = self.selection.copy()
+        below.clear_range(self._first_vbn, self.selection.nblocks - self._first_vbn)
+        missing = below.members()
         if not len(missing):
             return
         breaks = (np.flatnonzero(np.diff(missing.view(np.int64)) != 1) + 1).tolist()
         heads = missing[[0, *breaks]].tolist()
+        rank = 0  # members below the first hashed block are the first ranks
         for lo, hi, v0 in zip([0, *breaks], [*breaks, len(missing)], heads, strict=True):
             for at in range(0, hi - lo, 256):
                 n = min(256, hi - lo - at)
-                self.add(v0 + at, n, vol.dev.read(v0 + at, n))
+                self.csums[rank : rank + n] = run_checksums(vol.dev.read(v0 + at, n), v0 + at)
+                rank += n
 
 
 class Refused(SnapvolError):
@@ -466,7 +480,9 @@ def _check_install(vol: Volume, items: tuple[TableItem, ...], selection: Plane,
     reached = Plane.zeros(vol.nblocks)
     for item in items:
         if item.role in (ROLE_TOP, ROLE_CARRIED):
-            _EntryCheck(vol, item.entry, selection, kept, got, reached).run(reach)
+            check = _EntryCheck(vol, item.entry, selection, kept, got)
+            check.run(reach)
+            union_into(reached, check.mine)
     stray = difference(selection, reached)
     if stray.count():
         raise Refused(f"the stream carries {stray.count()} block(s) that no tree of its "
@@ -477,9 +493,9 @@ class _EntryCheck:
     """`_check_install` for the trees of one snapshot the stream brings."""
 
     def __init__(self, vol: Volume, entry: SnapEntry, selection: Plane, kept: Plane,
-                 got: Arrived, reached: Plane) -> None:
-        self.vol, self.entry, self.selection, self.kept = vol, entry, selection, kept
-        self.got, self.reached = got, reached
+                 got: Arrived) -> None:
+        self.vol, self.entry, self.selection, self.kept, self.got = (
+            vol, entry, selection, kept, got)
         self.what = f"snapshot {entry.name!r} of the stream"
         try:
             self.plane = _plane(vol, entry)
@@ -506,10 +522,14 @@ class _EntryCheck:
             raise Refused(f"the trees of {self.what} are damaged: {err}") from None
 
     def _claim(self, vbns: np.ndarray) -> None:
+        """Record blocks as reached by this snapshot's trees (`mine`: every block they
+        reach but those below a subtree another snapshot's walk entered first)."""
         mine = self.mine
-        if len(np.unique(vbns)) != len(vbns) or mine.test_many(vbns).any():
-            twice = [int(v) for v in vbns if mine.test(int(v))] or [int(vbns[0])]
-            raise Refused(f"the trees of {self.what} reach block {twice[0]} twice")
+        vbns = np.sort(vbns)
+        again = (vbns[1:] == vbns[:-1]) if len(vbns) > 1 else np.zeros(0, dtype=bool)
+        if again.any() or mine.test_many(vbns).any():
+            twice = vbns[1:][again] if again.any() else vbns[mine.test_many(vbns)]
+            raise Refused(f"the trees of {self.what} reach block {int(twice[0])} twice")
         mine.set_many(vbns)
         alien = ~self.plane.test_many(vbns)
         if alien.any():
@@ -523,7 +543,6 @@ class _EntryCheck:
             raise Refused(f"block {int(vbns[wrong][0])} of {self.what} arrived with other "
                           "contents than its tree says (damaged or forged data)")
         self._claim(vbns)
-        self.reached.set_many(vbns)
 
     def outside(self, vbns: np.ndarray, csums: np.ndarray, level: int,
                 claim: bool = True) -> None:

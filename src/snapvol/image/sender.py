@@ -253,13 +253,16 @@ def expected_checksums(vol: Volume, p: SendPlan) -> np.ndarray:
     def visit(vbns: np.ndarray, csums: np.ndarray, level: int) -> None:
         r = ranks.of(vbns)
         again = seen.test_many(vbns)
-        if again.any() and (expected[r[again]] != csums[again]).any():
-            v = int(vbns[again][expected[r[again]] != csums[again]][0])
-            raise _damaged(vol, p, v, "is named by two pointers with different checksums")
+        if again.any():  # shared with a snapshot walked before: the same pointer
+            differ = expected[r[again]] != csums[again]
+            if differ.any():
+                raise _damaged(vol, p, int(vbns[again][differ][0]),
+                               "is named by two pointers with different checksums")
         expected[r] = csums
-        if (expected[r] != csums).any():  # twice in this batch, with two checksums
-            v = int(vbns[expected[r] != csums][0])
-            raise _damaged(vol, p, v, "is named by two pointers with different checksums")
+        differ = expected[r] != csums  # named twice in this batch, with two checksums
+        if differ.any():
+            raise _damaged(vol, p, int(vbns[differ][0]),
+                           "is named by two pointers with different checksums")
         seen.set_many(vbns)
 
     reach = Reach(vol.io, vol.nblocks, within=sel)
