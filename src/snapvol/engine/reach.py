@@ -22,20 +22,15 @@ checksum per selected block in an array, not a dictionary.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
 
 from snapvol.engine.blockio import BlockIO
-from snapvol.engine.compare import find_paths
-from snapvol.engine.image import Image
-from snapvol.engine.tree import BlockTree
 from snapvol.errors import CorruptionError, SnapvolError
-from snapvol.layout.constants import FIRST_DATA_VBN, INODE_SIZE, INODES_PER_BLOCK, MAX_HEIGHT
-from snapvol.layout.inode import Inode
+from snapvol.layout.constants import FIRST_DATA_VBN, INODE_SIZE, MAX_HEIGHT
 from snapvol.layout.pointer import PTR_DTYPE
 from snapvol.layout.records import TreeRoot
 from snapvol.planes import Plane
@@ -217,59 +212,3 @@ class Ranks:
 
     def one(self, vbn: int) -> int:
         return int(self.of(np.array([vbn], dtype=np.uint64))[0])
-
-
-def users(io: BlockIO, nblocks: int, trees: Sequence[TreeRoot], vbns: Sequence[int],
-          limit: int = 4) -> dict[int, list[str]]:
-    """What uses each of `vbns` in the image of `trees` (a CP root's or a snapshot's four
-    trees): files by path (or "inode N" when no directory names it), metadata files by
-    name; up to `limit` each. For error messages: it walks the whole image, going on past
-    damage."""
-    want = set(vbns)
-    found: dict[int, list[str]] = {v: [] for v in want}
-    for name, root in zip(TREE_NAMES, trees, strict=False):
-        for v in _hits(io, nblocks, root.ptr.vbn, root.ptr.csum, root.height, want):
-            found[v].append(name)
-    image = Image(io, trees[0])
-    by_ino: dict[int, set[int]] = {}
-    for ino, rec in _inodes(image):
-        for v in _hits(io, nblocks, 0, 0, rec.height, want, rec.ptrs):
-            by_ino.setdefault(v, set()).add(ino)
-    all_inos = set().union(*by_ino.values()) if by_ino else set()
-    paths = find_paths(image, all_inos) if all_inos else {}
-    for v, inos in by_ino.items():
-        found[v] += [paths.get(ino, f"inode {ino}") for ino in sorted(inos)]
-    return {v: names[:limit] for v, names in found.items()}
-
-
-def _hits(io: BlockIO, nblocks: int, vbn: int, csum: int, height: int, want: set[int],
-          top: np.ndarray | None = None) -> set[int]:
-    """The blocks of `want` in one tree (a single top pointer, or `top`'s pointers)."""
-    if top is None:
-        top = np.array([(vbn, csum)], dtype=PTR_DTYPE)
-    got: set[int] = set()
-
-    def visit(level: int, idx: int, vbn: int, csum: int) -> None:
-        if vbn in want:
-            got.add(vbn)
-
-    with contextlib.suppress(SnapvolError):
-        BlockTree(io, top, height).walk(visit)
-    return got
-
-
-def _inodes(image: Image) -> Iterator[tuple[int, Inode]]:
-    """Every allocated inode of `image` that can be read."""
-    for blk in range(image.inode_blocks):
-        try:
-            data = memoryview(image.itree.read_block(blk))
-        except SnapvolError:
-            continue
-        for i in range(INODES_PER_BLOCK):
-            ino = blk * INODES_PER_BLOCK + i
-            try:
-                rec = Inode.decode(ino, data[i * INODE_SIZE : (i + 1) * INODE_SIZE])
-            except (SnapvolError, ValueError):
-                continue
-            if rec.allocated:
-                yield ino, rec

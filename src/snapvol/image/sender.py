@@ -28,7 +28,8 @@ import numpy as np
 import numpy.typing as npt
 
 from snapvol.engine import shadows
-from snapvol.engine.reach import DamagedBlock, Ranks, Reach, image_trees, users
+from snapvol.engine.compare import users
+from snapvol.engine.reach import DamagedBlock, Ranks, Reach, image_trees
 from snapvol.engine.snapshots import SnapshotError, snapshot_plane
 from snapvol.engine.volume import Volume, tree_of
 from snapvol.errors import CorruptionError
