@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import random
+import stat
 import struct
 import subprocess
 import tracemalloc
@@ -24,6 +25,7 @@ from snapvol.errors import VolumeError
 from snapvol.fs import FileSystem
 from snapvol.image.sender import SendError
 from snapvol.layout.checksum import block_checksum
+from snapvol.layout.constants import ROOT_INO
 from snapvol.streams.imagestream import StreamError
 from test_cli import COMMAND, fails, run
 from test_send_receive import assert_mirrors, blocks_of, mutate, new_volume, stream
@@ -339,6 +341,23 @@ def test_a_stray_block_is_refused(pair: tuple[Volume, MemoryDevice, Volume]) -> 
         image.receive(dst, [with_stray_block(data, 8000)])
     assert state(dst) == before and image.resume_token(dst) is None
     assert_fsck_clean(dst)
+
+
+def test_a_tree_without_a_root_directory_is_refused() -> None:
+    """Trees that check out block by block but hold no file system to open (the root
+    inode is a regular file): refused, so the destination never becomes unreadable."""
+    _, src = new_volume()
+    mutate(src, random.Random(24), 5)
+    root = src.active.node(ROOT_INO)
+    root.inode.mode = stat.S_IFREG | 0o644
+    src.active.mark_dirty(root)
+    src.cp()
+    snapshots.create(src, "broken")
+    _, dst = new_volume()
+    before = state(dst)
+    with pytest.raises(StreamError, match="has no inode map or no root directory"):
+        image.receive(dst, [stream(src, "broken")])
+    assert state(dst) == before and image.resume_token(dst) is None
 
 
 def test_receive_of_a_forged_stream_fails_in_one_line(tmp_path: Path) -> None:

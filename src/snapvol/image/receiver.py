@@ -60,7 +60,7 @@ from snapvol.engine.volume import Volume, root_of, tree_vbns
 from snapvol.errors import LockedError, SnapvolError, VolumeError
 from snapvol.image.sender import Progress
 from snapvol.layout.checksum import run_checksums
-from snapvol.layout.constants import BLOCK_SIZE, ROOT_INO
+from snapvol.layout.constants import BLOCK_SIZE, INOMAP_INO, ROOT_INO
 from snapvol.layout.records import RECEIVE_UPDATING
 from snapvol.layout.snaptable import SnapEntry
 from snapvol.planes import Plane, difference, intersection, union
@@ -520,6 +520,15 @@ class _EntryCheck:
             reach.walk(image_trees(self.entry.trees), self.inside, self.outside)
         except DamagedBlock as err:
             raise Refused(f"the trees of {self.what} are damaged: {err}") from None
+        # The file system must open: the inode map and a root directory.
+        image = Image(vol.io, self.entry.inode_file)
+        try:
+            ok = image.exists(INOMAP_INO) and image.node(ROOT_INO).inode.is_dir
+        except (SnapvolError, ValueError):
+            ok = False
+        if not ok:
+            raise Refused(f"the inode file of {self.what} has no inode map or no root "
+                          "directory")
 
     def _claim(self, vbns: np.ndarray) -> None:
         """Record blocks as reached by this snapshot's trees (`mine`: every block they
