@@ -390,3 +390,29 @@ def test_restore_of_a_forged_dump_is_refused(tmp_path: Path) -> None:
     with pytest.raises(StreamError, match="arrived with other contents than its tree says"):
         restore(str(tmp_path / "new.img"), [str(dump)], create=True)
     assert not (tmp_path / "new.img").exists()
+
+
+def test_a_resumed_receive_checks_what_the_first_run_wrote(
+        pair: tuple[Volume, MemoryDevice, Volume], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The blocks an interrupted run wrote are read back and checked when the receive is
+    resumed: one that changed on the disk meanwhile is caught, and the resumed stream
+    alone (which does not carry it) cannot hide it."""
+    src, dev, dst = pair
+    monkeypatch.setattr("snapvol.image.receiver.CHECKPOINT_BYTES", 4096)
+    data = stream(src, "s1", "s0")
+    before = state(dst)
+    with pytest.raises(StreamError, match="truncated"):
+        image.receive(dst, [data[: len(data) * 3 // 4]])
+    token = image.resume_token(dst)
+    assert token is not None and dst.receive_done > 0
+    assert dst.alloc is not None
+    early = [int(v) for v in dst.alloc.pinned.members() if v < dst.receive_done]
+    raw = bytearray(dev.read(early[0]))
+    raw[7] ^= 0x10
+    dev.write(early[0], bytes(raw))
+    with pytest.raises(StreamError, match=rf"block {early[0]} of snapshot 's1' of the "
+                                          "stream arrived with other contents"):
+        image.receive(dst, [stream(src, "s1", "s0", token)])
+    assert state(dst) == before and image.resume_token(dst) is None
+    image.receive(dst, [data])
+    assert_mirrors(dst, src, "s1")
