@@ -20,12 +20,14 @@ from conftest import assert_fsck_clean, read_tree
 from snapvol import image
 from snapvol.device import MemoryDevice
 from snapvol.engine import snapshots
+from snapvol.engine.snapshots import snapshot_plane
 from snapvol.engine.volume import Volume
 from snapvol.errors import VolumeError
 from snapvol.fs import FileSystem
 from snapvol.image.sender import SendError
 from snapvol.layout.checksum import block_checksum
 from snapvol.layout.constants import ROOT_INO
+from snapvol.planes import difference
 from snapvol.streams.imagestream import StreamError
 from test_cli import COMMAND, fails, run
 from test_send_receive import assert_mirrors, blocks_of, mutate, new_volume, stream
@@ -416,3 +418,57 @@ def test_a_resumed_receive_checks_what_the_first_run_wrote(
     assert state(dst) == before and image.resume_token(dst) is None
     image.receive(dst, [data])
     assert_mirrors(dst, src, "s1")
+
+
+def forged_plane(data: bytes, item: int, vbn: int, value: bool) -> bytes:
+    """The stream with bit `vbn` of the active plane of TABLE item `item` set or cleared:
+    the plane block (a tree of height 0 here) changed in its BLOCKS record and the new
+    checksum put in the item's root, every record checksum recomputed."""
+    records = split_records(data)
+    at = 8 + item * 520 + 8 + 96  # the item's active-plane TreeRoot
+    table = bytearray(records[1][3])
+    pvbn, _, height = struct.unpack_from("<QQB", table, at)
+    assert height == 0
+    for i, (rtype, flags, reserved, body) in enumerate(records):
+        first, count = struct.unpack_from("<QI", body) if rtype == 4 else (0, 0)
+        if rtype == 4 and first <= pvbn < first + count:
+            raw = bytearray(body)
+            off = 16 + (pvbn - first) * 4096
+            if value:
+                raw[off + vbn // 8] |= 1 << (vbn % 8)
+            else:
+                raw[off + vbn // 8] &= ~(1 << (vbn % 8)) & 0xFF
+            records[i] = (rtype, flags, reserved, bytes(raw))
+            struct.pack_into("<Q", table, at + 8,
+                             block_checksum(bytes(raw[off : off + 4096]), pvbn))
+    records[1] = (records[1][0], records[1][1], records[1][2], bytes(table))
+    return seal(records)
+
+
+def test_forged_planes_are_refused(pair: tuple[Volume, MemoryDevice, Volume]) -> None:
+    """A snapshot's plane becomes the active plane or part of the summary, so it must
+    hold exactly what its trees reach: a plane that claims a free block (a leak), lacks
+    one of its blocks (which could be handed out under the tree), or claims a block of
+    the stream only another snapshot reaches is refused."""
+    src, _, dst = pair
+    inc = stream(src, "s1", "s0")
+    before = state(dst)
+    with pytest.raises(StreamError, match="the plane of snapshot 's1' of the stream holds "
+                                          "block 8000, which neither the stream nor"):
+        image.receive(dst, [forged_plane(inc, 0, 8000, True)])
+    assert state(dst) == before
+    vbn, _ = first_blocks(inc)
+    with pytest.raises(StreamError, match=f"reach block {vbn}, which its plane does not hold"):
+        image.receive(dst, [forged_plane(inc, 0, vbn, False)])
+    assert state(dst) == before
+    # A full stream of s1 carries s0: a block only s0 holds, claimed by s1's plane.
+    old_only = difference(snapshot_plane(src, src.snapshots.get("s0")),
+                          snapshot_plane(src, src.snapshots.get("s1")))
+    old_only.clear_range(0, 3)
+    victim = int(old_only.members()[0])
+    _, fresh = new_volume()
+    with pytest.raises(StreamError, match=f"the plane of snapshot 's1' of the stream holds "
+                                          f"block {victim}, which its trees do not reach"):
+        image.receive(fresh, [forged_plane(stream(src, "s1"), 0, victim, True)])
+    assert image.resume_token(fresh) is None
+    assert_fsck_clean(fresh)

@@ -60,7 +60,7 @@ from snapvol.engine.volume import Volume, root_of, tree_vbns
 from snapvol.errors import LockedError, SnapvolError, VolumeError
 from snapvol.image.sender import Progress
 from snapvol.layout.checksum import run_checksums
-from snapvol.layout.constants import BLOCK_SIZE, INOMAP_INO, ROOT_INO
+from snapvol.layout.constants import BLOCK_SIZE, FIRST_DATA_VBN, INOMAP_INO, ROOT_INO
 from snapvol.layout.records import RECEIVE_UPDATING
 from snapvol.layout.snaptable import SnapEntry
 from snapvol.planes import Plane, difference, intersection, union
@@ -470,7 +470,9 @@ def _check_install(vol: Volume, items: tuple[TableItem, ...], selection: Plane,
       is read and verified;
     - a snapshot's trees reach each block once, and only blocks of its own plane (which
       becomes the active plane or joins the summary: a block outside it could be handed
-      out again under the tree)."""
+      out again under the tree); its plane holds no block that neither the stream nor a
+      kept snapshot holds, and SNAP's (walked first, so it reaches all its own blocks
+      itself) no block of the stream its trees do not reach."""
     got.read_back(vol)
     by_guid = {e.guid: e for e in vol.snapshots.slots.values()}
     held = [by_guid[i.entry.guid] for i in items
@@ -478,11 +480,12 @@ def _check_install(vol: Volume, items: tuple[TableItem, ...], selection: Plane,
     kept = union(*(_plane(vol, e) for e in held)) if held else Plane.zeros(vol.nblocks)
     reach = Reach(vol.io, vol.nblocks, within=selection)
     reached = Plane.zeros(vol.nblocks)
-    for item in items:
-        if item.role in (ROLE_TOP, ROLE_CARRIED):
-            check = _EntryCheck(vol, item.entry, selection, kept, got)
-            check.run(reach)
-            union_into(reached, check.mine)
+    brought = sorted((i for i in items if i.role in (ROLE_TOP, ROLE_CARRIED)),
+                     key=lambda i: i.role != ROLE_TOP)
+    for item in brought:
+        check = _EntryCheck(vol, item.entry, selection, kept, got)
+        check.run(reach, whole=item.role == ROLE_TOP)
+        union_into(reached, check.mine)
     stray = difference(selection, reached)
     if stray.count():
         raise Refused(f"the stream carries {stray.count()} block(s) that no tree of its "
@@ -503,8 +506,16 @@ class _EntryCheck:
             raise Refused(f"the plane of {self.what} cannot be read: {err}") from None
         self.mine = Plane.zeros(vol.nblocks)
 
-    def run(self, reach: Reach) -> None:
+    def run(self, reach: Reach, whole: bool) -> None:
+        """Walk this snapshot's trees; `whole` when no other walk entered any of its
+        blocks before, so `mine` ends as all it reaches."""
         vol = self.vol
+        extra = difference(difference(self.plane, self.selection), self.kept)
+        extra.clear_range(0, min(FIRST_DATA_VBN, vol.nblocks))
+        if extra.count():
+            raise Refused(f"the plane of {self.what} holds block {int(extra.members()[0])}, "
+                          "which neither the stream nor a snapshot this destination keeps "
+                          "holds")
         for name, root in zip(TREE_NAMES, self.entry.trees, strict=True):
             vbn = root.ptr.vbn
             if not vbn or self.selection.test(vbn):
@@ -520,6 +531,11 @@ class _EntryCheck:
             reach.walk(image_trees(self.entry.trees), self.inside, self.outside)
         except DamagedBlock as err:
             raise Refused(f"the trees of {self.what} are damaged: {err}") from None
+        if whole:
+            unreached = difference(intersection(self.plane, self.selection), self.mine)
+            if unreached.count():
+                raise Refused(f"the plane of {self.what} holds block "
+                              f"{int(unreached.members()[0])}, which its trees do not reach")
         # The file system must open: the inode map and a root directory.
         image = Image(vol.io, self.entry.inode_file)
         try:
@@ -571,11 +587,14 @@ def _refuse(vol: Volume, items: tuple[TableItem, ...], why: str) -> StreamError:
     finished from a sound source."""
     name = next(i.entry.name for i in items if i.role == ROLE_TOP)
     if vol.receive_flags & RECEIVE_UPDATING:
+        # Nothing received is trusted: the next try rewrites every block.
+        vol.receive_done = 0
+        vol.cp(force=True)
         return StreamError(
             f"{vol.path}: the stream is refused: {why}; nothing was installed, and the "
             f"partial receive of {name!r} stays (it overwrote blocks of the previous "
-            f"state, so it cannot be discarded): finish it from a sound source with "
-            f"'snapvol send SOURCE {name} --base BASE --resume {resume_token(vol)}'")
+            f"state, so it cannot be discarded): send it again whole from a sound source "
+            f"with 'snapvol send SOURCE {name} --base BASE --resume {resume_token(vol)}'")
     vol.cp()
     _release(vol)
     return StreamError(f"{vol.path}: the stream is refused: {why}; nothing was installed "
