@@ -472,3 +472,30 @@ def test_forged_planes_are_refused(pair: tuple[Volume, MemoryDevice, Volume]) ->
         image.receive(fresh, [forged_plane(stream(src, "s1"), 0, victim, True)])
     assert image.resume_token(fresh) is None
     assert_fsck_clean(fresh)
+
+
+def test_a_forged_increment_from_a_shadow_base_stays_pending() -> None:
+    """An increment from a shadow base overwrites blocks of the destination's current
+    state, so when it is refused at the end it cannot be discarded: it stays pending
+    (and unreadable) with its resume point back at block 0, and the genuine stream sent
+    again whole finishes it."""
+    rng = random.Random(25)
+    _, src = new_volume()
+    mutate(src, rng, 15)
+    snapshots.create(src, "s0")
+    _, dst = new_volume()
+    image.receive(dst, [stream(src, "s0")])
+    snapshots.create(src, "mark", shadow=True, source="s0")
+    snapshots.delete(src, "s0")
+    mutate(src, rng, 15)
+    snapshots.create(src, "s1")
+    data = stream(src, "s1", "mark")
+    with pytest.raises(StreamError, match="the stream is refused: .*stays .*send it again "
+                                          "whole from a sound source"):
+        image.receive(dst, [crafted(data, block_byte=3)])
+    assert dst.updating and dst.receive_done == 0
+    token = image.resume_token(dst)
+    assert token is not None
+    image.receive(dst, [stream(src, "s1", "mark", token)])
+    assert not dst.updating
+    assert_mirrors(dst, src, "s1")
