@@ -30,7 +30,7 @@ import numpy.typing as npt
 
 from snapvol.engine.blockio import BlockIO
 from snapvol.errors import CorruptionError, SnapvolError
-from snapvol.layout.constants import FIRST_DATA_VBN, INODE_SIZE, MAX_HEIGHT
+from snapvol.layout.constants import FIRST_DATA_VBN, INODE_SIZE, INODES_PER_BLOCK, MAX_HEIGHT
 from snapvol.layout.pointer import PTR_DTYPE
 from snapvol.layout.records import TreeRoot
 from snapvol.planes import Plane
@@ -151,44 +151,50 @@ class Reach:
         if not len(vbns):
             return
         self.entered.set_many(vbns)
-        blocks = self._read(vbns, csums)
-        if not blocks:
+        read = self._read(vbns, csums)
+        if not read:
             return
-        data = np.frombuffer(b"".join(blocks), dtype=np.uint8)
+        data = np.frombuffer(b"".join(block for _, block in read), dtype=np.uint8)
         if level:
             ptrs = data.view(PTR_DTYPE)
             live = ptrs["vbn"] != 0
             self._push(level - 1, inode_file, ptrs["vbn"][live], ptrs["csum"][live])
             return
         inodes = data.view(INODE_VIEW)
-        inodes = inodes[inodes["mode"] != 0]
-        tall = inodes["height"] > MAX_HEIGHT
+        allocated = inodes["mode"] != 0
+        tall = allocated & (inodes["height"] > MAX_HEIGHT)
         if tall.any():
-            self._damage(0, CorruptionError(f"an inode's tree is {int(inodes['height'][tall][0])}"
-                                            f" levels high (at most {MAX_HEIGHT})"))
-            inodes = inodes[~tall]
+            at = int(np.flatnonzero(tall)[0])
+            where = read[at // INODES_PER_BLOCK][0]
+            self._damage(where, DamagedBlock(where, f"inode-file block {where} holds an inode "
+                                                    f"{int(inodes['height'][at])} levels high "
+                                                    f"(at most {MAX_HEIGHT})"))
+            allocated &= ~tall
+        inodes = inodes[allocated]
         for height in np.unique(inodes["height"]).tolist():
             ptrs = inodes["ptrs"][inodes["height"] == height].reshape(-1)
             live = ptrs["vbn"] != 0
             self._push(int(height), False, ptrs["vbn"][live], ptrs["csum"][live])
 
-    def _read(self, vbns: U64, csums: U64) -> list[bytes]:
-        """The blocks `vbns` (ascending), each verified against its checksum, read as
-        contiguous runs; with `on_damage`, a block that fails is reported and left out."""
-        out: list[bytes] = []
+    def _read(self, vbns: U64, csums: U64) -> list[tuple[int, bytes]]:
+        """(vbn, data) of the blocks `vbns` (ascending), each verified against its
+        checksum, read as contiguous runs; with `on_damage`, a block that fails is
+        reported and left out."""
+        out: list[tuple[int, bytes]] = []
         breaks = (np.flatnonzero(np.diff(vbns.view(np.int64)) != 1) + 1).tolist()
         vlist, clist = vbns.tolist(), csums.tolist()
         for lo, hi in zip([0, *breaks], [*breaks, len(vlist)], strict=True):
             for at in range(lo, hi, RUN):
                 end = min(hi, at + RUN)
                 try:
-                    out += self.io.read_run(vlist[at], clist[at:end])
+                    out += zip(vlist[at:end], self.io.read_run(vlist[at], clist[at:end]),
+                               strict=True)
                     continue
                 except SnapvolError:
                     pass  # find the block at fault, one by one
                 for v, c in zip(vlist[at:end], clist[at:end], strict=True):
                     try:
-                        out.append(self.io.read(v, c))
+                        out.append((v, self.io.read(v, c)))
                     except SnapvolError as err:
                         self._damage(v, err)
         return out
