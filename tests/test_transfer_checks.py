@@ -490,7 +490,7 @@ def test_a_forged_increment_from_a_shadow_base_stays_pending() -> None:
     mutate(src, rng, 15)
     snapshots.create(src, "s1")
     data = stream(src, "s1", "mark")
-    with pytest.raises(StreamError, match="the stream is refused: .*stays .*send it again "
+    with pytest.raises(StreamError, match=r"the stream is refused: .*stays .*send it again "
                                           "whole from a sound source"):
         image.receive(dst, [crafted(data, block_byte=3)])
     assert dst.updating and dst.receive_done == 0

@@ -125,7 +125,7 @@ def test_without_deep_trees_are_compared_not_media(
     assert "trees compared, not media" in out and "--deep reads and checks every block" in out
     code, out, _ = run(capsys, "verify", str(a), str(b), "--deep")
     assert code == 1, out
-    assert f"damaged: {b} (active): block {vbn}: checksum mismatch" in out
+    assert f"damaged: {b} (active): block {vbn} fails its checksum" in out
     assert "(used by /d/e/f7)" in out
     assert "their trees are the same, but 1 block(s) on the media do not hold" in out
     code, out, _ = run(capsys, "verify", f"{a}@s1", str(b), "--deep", "--json")

@@ -31,7 +31,7 @@ import numpy as np
 
 from snapvol.engine.blockio import BlockIO
 from snapvol.engine.image import Image, Node
-from snapvol.engine.reach import TREE_NAMES, Reach, image_trees
+from snapvol.engine.reach import TREE_NAMES, DamagedBlock, Reach, image_trees
 from snapvol.engine.tree import BlockTree
 from snapvol.errors import SnapvolError
 from snapvol.layout.checksum import first_bad_block
@@ -249,8 +249,8 @@ def check_media(io: BlockIO, nblocks: int, trees: Sequence[TreeRoot]) -> MediaCh
     t0 = time.perf_counter()
     out = MediaCheck()
 
-    def damaged(vbn: int, err: SnapvolError) -> None:
-        out.add(vbn, str(err))
+    def damaged(err: DamagedBlock) -> None:
+        out.add(err.vbn, str(err))
 
     def visit(vbns: np.ndarray, csums: np.ndarray, level: int) -> None:
         order = np.argsort(vbns, kind="stable")
@@ -266,7 +266,7 @@ def check_media(io: BlockIO, nblocks: int, trees: Sequence[TreeRoot]) -> MediaCh
                 while (bad := first_bad_block(data[first * BLOCK_SIZE :], v0 + first,
                                               want[first:])) >= 0:
                     vbn = v0 + first + bad
-                    out.add(vbn, f"block {vbn}: checksum mismatch (expected "
+                    out.add(vbn, f"block {vbn} fails its checksum (expected "
                                  f"{int(want[first + bad]):016x})")
                     first += bad + 1
                 out.blocks += end - at

@@ -58,11 +58,12 @@ TREE_NAMES = ("the inode file", "the active plane", "the summary plane",
 
 class DamagedBlock(CorruptionError):
     """A block a walk needed fails its checksum, or a pointer leads outside the volume;
-    `vbn` names the block."""
+    `vbn` names the block and `why` says what is wrong with it, after "block VBN"."""
 
-    def __init__(self, vbn: int, message: str) -> None:
-        super().__init__(message)
+    def __init__(self, vbn: int, why: str) -> None:
+        super().__init__(f"block {vbn} {why}")
         self.vbn = vbn
+        self.why = why
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,8 +85,8 @@ class Reach:
     """Walks trees inside `within` (None: everywhere) on the blocks of `io`."""
 
     def __init__(self, io: BlockIO, nblocks: int, within: Plane | None = None,
-                 on_damage: Callable[[int, SnapvolError], None] | None = None) -> None:
-        """`on_damage(vbn, error)`, when given, is told of a block that cannot be read
+                 on_damage: Callable[[DamagedBlock], None] | None = None) -> None:
+        """`on_damage(error)`, when given, is told of a block that cannot be read
         (or a pointer out of range) and the walk goes on without what lies below it;
         without it the first such problem raises."""
         self.io = io
@@ -122,17 +123,19 @@ class Reach:
             self._pending.setdefault((level, inode_file), []).append((vbns, csums))
 
     def _damage(self, vbn: int, err: SnapvolError) -> None:
+        if not isinstance(err, DamagedBlock):  # BlockIO's: a checksum mismatch
+            err = DamagedBlock(vbn, "fails its checksum")
         if self.on_damage is None:
-            raise err if isinstance(err, DamagedBlock) else DamagedBlock(vbn, str(err))
-        self.on_damage(vbn, err)
+            raise err
+        self.on_damage(err)
 
     def _step(self, level: int, inode_file: bool, vbns: U64, csums: U64, visit: Visit,
               outside: Visit | None) -> None:
         bad = (vbns < FIRST_DATA_VBN) | (vbns >= self.nblocks)
         if bad.any():
             out = int(vbns[bad][0])
-            self._damage(out, DamagedBlock(out, f"a block pointer leads to VBN {out}, "
-                                                "outside the volume's data area"))
+            self._damage(out, DamagedBlock(out, "is outside the volume's data area (a "
+                                                "block pointer leads there)"))
             vbns, csums = vbns[~bad], csums[~bad]
         if self.within is not None:
             inside = self.within.test_many(vbns)
@@ -166,7 +169,7 @@ class Reach:
         if tall.any():
             at = int(np.flatnonzero(tall)[0])
             where = read[at // INODES_PER_BLOCK][0]
-            self._damage(where, DamagedBlock(where, f"inode-file block {where} holds an inode "
+            self._damage(where, DamagedBlock(where, "of the inode file holds an inode "
                                                     f"{int(inodes['height'][at])} levels high "
                                                     f"(at most {MAX_HEIGHT})"))
             allocated &= ~tall

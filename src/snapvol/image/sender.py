@@ -271,7 +271,7 @@ def expected_checksums(vol: Volume, p: SendPlan) -> np.ndarray:
         for entry in _sent_entries(p):
             reach.walk(image_trees(entry.trees), visit)
     except DamagedBlock as err:
-        raise _damaged(vol, p, err.vbn, f"cannot be read: {err}") from None
+        raise _damaged(vol, p, err.vbn, err.why) from None
     missing = difference(sel, seen)
     if missing.count():
         v = int(missing.members()[0])
