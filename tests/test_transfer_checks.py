@@ -12,6 +12,7 @@ import stat
 import struct
 import subprocess
 import tracemalloc
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -499,3 +500,66 @@ def test_a_forged_increment_from_a_shadow_base_stays_pending() -> None:
     image.receive(dst, [stream(src, "s1", "mark", token)])
     assert not dst.updating
     assert_mirrors(dst, src, "s1")
+
+
+def forged_chain(data: bytes, src: Volume, snap: str, path: bytes,
+                 change: Callable[[memoryview], None]) -> bytes:
+    """The stream with the indirect block of file `path` (a tree of height 1) changed by
+    `change`, and every checksum above it made right again: the inode's top pointer, the
+    inode-file block, the inode file's indirect block and the TABLE root, as a hostile peer
+    who knows the format would. Every block involved is in the stream (a full one)."""
+    entry = src.snapshots.get(snap)
+    img = src.snapshot_image(snap)
+    ino = FileSystem(src, snap).resolve(path)
+    node = img.node(ino)
+    assert node.tree.height == 1 and img.itree.height == 1
+    records = split_records(data)
+    where: dict[int, tuple[int, int]] = {}  # vbn -> (record index, offset in its payload)
+    for i, (rtype, _, _, body) in enumerate(records):
+        if rtype == 4:
+            first, count = struct.unpack_from("<QI", body)
+            for k in range(count):
+                where[first + k] = (i, 16 + k * 4096)
+    bodies = {i: bytearray(r[3]) for i, r in enumerate(records)}
+
+    def block(vbn: int) -> memoryview:
+        i, off = where[vbn]
+        return memoryview(bodies[i])[off : off + 4096]
+
+    ind = int(node.tree.top[0]["vbn"])
+    change(block(ind))
+    csum = block_checksum(block(ind), ind)
+    iblock = int(img.itree.node(1, 0)[ino // 16]["vbn"])
+    struct.pack_into("<Q", block(iblock), (ino % 16) * 256 + 128 + 8, csum)
+    csum = block_checksum(block(iblock), iblock)
+    iroot = entry.inode_file.ptr.vbn
+    struct.pack_into("<Q", block(iroot), (ino // 16) * 16 + 8, csum)
+    struct.pack_into("<Q", bodies[1], TOP_ENTRY + 64 + 8, block_checksum(block(iroot), iroot))
+    return seal([(r[0], r[1], r[2], bytes(bodies[i])) for i, r in enumerate(records)])
+
+
+def test_a_block_named_twice_is_refused_whatever_the_checksums_say() -> None:
+    """A forged indirect block whose second pointer repeats its first (a cross-link:
+    rewriting one file block would free the other's), with every checksum above it
+    recomputed: refused as a block reached twice."""
+    _, src = new_volume()
+    fs = FileSystem(src)
+    for i in range(20):
+        fs.write_file(f"/f{i}".encode(), random.Random(i).randbytes(4096 * 12))
+    snapshots.create(src, "s")
+    data = stream(src, "s")
+
+    def repeat_first(raw: memoryview) -> None:
+        raw[16:32] = raw[0:16]
+
+    # Rebuilt without a change, the chain of checksums is the genuine one.
+    assert forged_chain(data, src, "s", b"/f5", lambda raw: None) == data
+    forged = forged_chain(data, src, "s", b"/f5", repeat_first)
+    _, dst = new_volume()
+    with pytest.raises(StreamError, match=r"the trees of snapshot 's' of the stream reach "
+                                          r"block \d+ twice"):
+        image.receive(dst, [forged])
+    assert image.resume_token(dst) is None and not dst.snapshots.entries()
+    assert_fsck_clean(dst)
+    image.receive(dst, [data])
+    assert_mirrors(dst, src, "s")

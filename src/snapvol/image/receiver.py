@@ -64,7 +64,6 @@ from snapvol.layout.constants import BLOCK_SIZE, FIRST_DATA_VBN, INOMAP_INO, ROO
 from snapvol.layout.records import RECEIVE_UPDATING
 from snapvol.layout.snaptable import SnapEntry
 from snapvol.planes import Plane, difference, intersection, union
-from snapvol.planes.algebra import union_into
 from snapvol.streams.imagestream import (
     HDR_RESUMED,
     HEADER_PAYLOAD,
@@ -479,21 +478,24 @@ def _check_install(vol: Volume, items: tuple[TableItem, ...], selection: Plane,
             if i.role in (ROLE_BASE, ROLE_HELD) and i.entry.guid in by_guid]
     kept = union(*(_plane(vol, e) for e in held)) if held else Plane.zeros(vol.nblocks)
     reach = Reach(vol.io, vol.nblocks, within=selection)
-    reached = Plane.zeros(vol.nblocks)
+    reached = np.zeros(got.ranks.total, dtype=bool)  # by rank in the selection
     brought = sorted((i for i in items if i.role in (ROLE_TOP, ROLE_CARRIED)),
                      key=lambda i: i.role != ROLE_TOP)
     for item in brought:
         check = _EntryCheck(vol, item.entry, selection, kept, got)
         check.run(reach, whole=item.role == ROLE_TOP)
-        union_into(reached, check.mine)
-    stray = difference(selection, reached)
-    if stray.count():
-        raise Refused(f"the stream carries {stray.count()} block(s) that no tree of its "
-                      f"snapshots reaches (the first is {int(stray.members()[0])})")
+        reached |= check.seen
+    if not reached.all():
+        stray = np.flatnonzero(~reached)
+        raise Refused(f"the stream carries {len(stray)} block(s) that no tree of its "
+                      f"snapshots reaches (the first is "
+                      f"{int(selection.members()[stray[0]])})")
 
 
 class _EntryCheck:
-    """`_check_install` for the trees of one snapshot the stream brings."""
+    """`_check_install` for the trees of one snapshot the stream brings. What its trees
+    reach is kept by rank in the selection (`seen`, a byte per block: no sort of the
+    pointers on the way) and, outside it, in a plane (`seen_outside`, few blocks)."""
 
     def __init__(self, vol: Volume, entry: SnapEntry, selection: Plane, kept: Plane,
                  got: Arrived) -> None:
@@ -504,11 +506,12 @@ class _EntryCheck:
             self.plane = _plane(vol, entry)
         except SnapvolError as err:
             raise Refused(f"the plane of {self.what} cannot be read: {err}") from None
-        self.mine = Plane.zeros(vol.nblocks)
+        self.seen = np.zeros(got.ranks.total, dtype=bool)
+        self.seen_outside = Plane.zeros(vol.nblocks)
 
     def run(self, reach: Reach, whole: bool) -> None:
         """Walk this snapshot's trees; `whole` when no other walk entered any of its
-        blocks before, so `mine` ends as all it reaches."""
+        blocks before, so `seen` ends as all it reaches in the selection."""
         vol = self.vol
         extra = difference(difference(self.plane, self.selection), self.kept)
         extra.clear_range(0, min(FIRST_DATA_VBN, vol.nblocks))
@@ -520,8 +523,7 @@ class _EntryCheck:
             vbn = root.ptr.vbn
             if not vbn or self.selection.test(vbn):
                 continue  # a hole, or read and verified by the walk
-            self.outside(np.array([vbn], dtype=np.uint64), np.zeros(1, dtype=np.uint64),
-                         root.height, claim=False)
+            self._foreign(np.array([vbn], dtype=np.uint64))
             try:
                 vol.io.read(vbn, root.ptr.csum)
             except SnapvolError:
@@ -531,11 +533,12 @@ class _EntryCheck:
             reach.walk(image_trees(self.entry.trees), self.inside, self.outside)
         except DamagedBlock as err:
             raise Refused(f"the trees of {self.what} are damaged: {err}") from None
-        if whole:
-            unreached = difference(intersection(self.plane, self.selection), self.mine)
-            if unreached.count():
-                raise Refused(f"the plane of {self.what} holds block "
-                              f"{int(unreached.members()[0])}, which its trees do not reach")
+        mine = intersection(self.plane, self.selection)
+        if whole and int(np.count_nonzero(self.seen)) != mine.count():
+            ranks = self.got.ranks.of(mine.members())
+            unreached = mine.members()[~self.seen[ranks]]
+            raise Refused(f"the plane of {self.what} holds block {int(unreached[0])}, "
+                          "which its trees do not reach")
         # The file system must open: the inode map and a root directory.
         image = Image(vol.io, self.entry.inode_file)
         try:
@@ -546,16 +549,10 @@ class _EntryCheck:
             raise Refused(f"the inode file of {self.what} has no inode map or no root "
                           "directory")
 
-    def _claim(self, vbns: np.ndarray) -> None:
-        """Record blocks as reached by this snapshot's trees (`mine`: every block they
-        reach but those below a subtree another snapshot's walk entered first)."""
-        mine = self.mine
-        vbns = np.sort(vbns)
-        again = (vbns[1:] == vbns[:-1]) if len(vbns) > 1 else np.zeros(0, dtype=bool)
-        if again.any() or mine.test_many(vbns).any():
-            twice = vbns[1:][again] if again.any() else vbns[mine.test_many(vbns)]
-            raise Refused(f"the trees of {self.what} reach block {int(twice[0])} twice")
-        mine.set_many(vbns)
+    def _twice(self, vbn: int) -> Refused:
+        return Refused(f"the trees of {self.what} reach block {vbn} twice")
+
+    def _in_plane(self, vbns: np.ndarray) -> None:
         alien = ~self.plane.test_many(vbns)
         if alien.any():
             raise Refused(f"the trees of {self.what} reach block {int(vbns[alien][0])}, "
@@ -563,21 +560,47 @@ class _EntryCheck:
 
     def inside(self, vbns: np.ndarray, csums: np.ndarray, level: int) -> None:
         got = self.got
-        wrong = got.csums[got.ranks.of(vbns)] != csums
+        ranks = got.ranks.of(vbns)
+        wrong = got.csums[ranks] != csums
         if wrong.any():
             raise Refused(f"block {int(vbns[wrong][0])} of {self.what} arrived with other "
                           "contents than its tree says (damaged or forged data)")
-        self._claim(vbns)
+        seen = self.seen
+        again = seen[ranks]
+        if again.any():
+            raise self._twice(int(vbns[again][0]))
+        lo, hi = int(ranks.min()), int(ranks.max()) + 1
+        if hi - lo <= 4 * len(ranks) + 4096:
+            # The usual case, runs of blocks: count what the batch set in its span, so a
+            # block named twice in it costs no sort to find.
+            before = int(np.count_nonzero(seen[lo:hi]))
+            seen[ranks] = True
+            if int(np.count_nonzero(seen[lo:hi])) - before != len(ranks):
+                once, count = np.unique(ranks, return_counts=True)
+                raise self._twice(int(vbns[ranks == once[count > 1][0]][0]))
+        else:
+            once, count = np.unique(ranks, return_counts=True)
+            if (count > 1).any():
+                raise self._twice(int(vbns[ranks == once[count > 1][0]][0]))
+            seen[ranks] = True
+        self._in_plane(vbns)
 
-    def outside(self, vbns: np.ndarray, csums: np.ndarray, level: int,
-                claim: bool = True) -> None:
+    def _foreign(self, vbns: np.ndarray) -> None:
         foreign = ~self.kept.test_many(vbns)
         if foreign.any():
             raise Refused(f"the trees of {self.what} lead to block {int(vbns[foreign][0])}, "
                           "which neither the stream nor a snapshot this destination keeps "
                           "holds")
-        if claim:
-            self._claim(vbns)
+
+    def outside(self, vbns: np.ndarray, csums: np.ndarray, level: int) -> None:
+        self._foreign(vbns)
+        vbns = np.sort(vbns)
+        again = vbns[1:][vbns[1:] == vbns[:-1]]
+        if len(again) or self.seen_outside.test_many(vbns).any():
+            raise self._twice(int(again[0]) if len(again) else
+                              int(vbns[self.seen_outside.test_many(vbns)][0]))
+        self.seen_outside.set_many(vbns)
+        self._in_plane(vbns)
 
 
 def _refuse(vol: Volume, items: tuple[TableItem, ...], why: str) -> StreamError:
