@@ -563,3 +563,21 @@ def test_a_block_named_twice_is_refused_whatever_the_checksums_say() -> None:
     assert_fsck_clean(dst)
     image.receive(dst, [data])
     assert_mirrors(dst, src, "s")
+
+
+def test_a_plane_that_marks_an_unreached_block_stops_the_send() -> None:
+    """A snapshot whose plane marks a block no tree reaches (a leak, which fsck reports):
+    the send cannot vouch for that block and stops before writing anything."""
+    _, src = new_volume()
+    mutate(src, random.Random(26), 5)
+    leak = 6000
+    assert not src.active_plane.test(leak)
+    src.active_plane.set(leak)
+    src.snaps_dirty = True
+    src.cp(force=True)
+    snapshots.create(src, "s")
+    assert src.snapshots.get("s") and snapshot_plane(src, src.snapshots.get("s")).test(leak)
+    chunks = image.send(src, "s")
+    with pytest.raises(SendError, match=f"block {leak} is in the plane of snapshot 's' .*"
+                                        "no tree of theirs reaches it"):
+        next(iter(chunks))

@@ -249,11 +249,11 @@ def expected_checksums(vol: Volume, p: SendPlan) -> np.ndarray:
     sel = p.plane
     ranks = Ranks(sel)
     expected = np.zeros(ranks.total, dtype=np.uint64)
-    seen = Plane.zeros(sel.nblocks)
+    seen = np.zeros(ranks.total, dtype=bool)  # by rank, as `expected`
 
     def visit(vbns: np.ndarray, csums: np.ndarray, level: int) -> None:
         r = ranks.of(vbns)
-        again = seen.test_many(vbns)
+        again = seen[r]
         if again.any():  # shared with a snapshot walked before: the same pointer
             differ = expected[r[again]] != csums[again]
             if differ.any():
@@ -264,7 +264,7 @@ def expected_checksums(vol: Volume, p: SendPlan) -> np.ndarray:
         if differ.any():
             raise _damaged(vol, p, int(vbns[differ][0]),
                            "is named by two pointers with different checksums")
-        seen.set_many(vbns)
+        seen[r] = True
 
     reach = Reach(vol.io, vol.nblocks, within=sel)
     try:
@@ -272,14 +272,13 @@ def expected_checksums(vol: Volume, p: SendPlan) -> np.ndarray:
             reach.walk(image_trees(entry.trees), visit)
     except DamagedBlock as err:
         raise _damaged(vol, p, err.vbn, err.why) from None
-    missing = difference(sel, seen)
-    if missing.count():
-        v = int(missing.members()[0])
+    if not seen.all():
+        missing = np.flatnonzero(~seen)
         raise SendError(
-            f"{vol.path}: block {v} is in the plane of snapshot {p.snap.name!r} (or of one "
-            f"it carries) but no tree of theirs reaches it, and {missing.count()} block(s) "
-            "like it: the planes are damaged, so the send stopped before writing anything; "
-            f"check the volume with 'snapvol fsck {vol.path}'")
+            f"{vol.path}: block {int(sel.members()[missing[0]])} is in the plane of snapshot "
+            f"{p.snap.name!r} (or of one it carries) but no tree of theirs reaches it, and "
+            f"{len(missing)} block(s) like it: the planes are damaged, so the send stopped "
+            f"before writing anything; check the volume with 'snapvol fsck {vol.path}'")
     return expected
 
 
