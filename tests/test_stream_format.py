@@ -12,6 +12,7 @@ import struct
 import pytest
 import xxhash
 
+from snapvol.layout.pointer import HOLE, Pointer
 from snapvol.layout.records import TreeRoot
 from snapvol.layout.snaptable import SnapEntry
 from snapvol.planes import Plane
@@ -32,6 +33,7 @@ from snapvol.streams.imagestream import (
     PlaneRecord,
     StreamError,
     StreamHeader,
+    StreamTooLarge,
     TableItem,
     TableRecord,
     decode_token,
@@ -42,7 +44,11 @@ NBLOCKS = 70_000  # three plane blocks, the last one partial
 
 
 def entry(name: str, guid: bytes, cp: int, snap_id: int) -> SnapEntry:
-    return SnapEntry(snap_id, name, guid, cp, 1000 + cp, TreeRoot(), TreeRoot(), TreeRoot(),
+    """A table entry with tree roots inside the stream's volume (3 plane blocks)."""
+    at = 1000 + 10 * cp
+    return SnapEntry(snap_id, name, guid, cp, 1000 + cp,
+                     TreeRoot(Pointer(at, 0x1234 + cp), 0, 1),
+                     TreeRoot(Pointer(at + 1, 0x5678 + cp), 1, 3), TreeRoot(HOLE, 1, 3),
                      TreeRoot())
 
 
@@ -338,3 +344,100 @@ def test_resume_tokens() -> None:
                 token.replace("svr1", "svr2"), token[:10] + "zz" + token[12:]):
         with pytest.raises(StreamError, match="not a valid resume token"):
             decode_token(bad)
+
+
+def poked(chunks: list[bytes], index: int, at: int, value: int = 1) -> bytes:
+    """The stream with byte `at` of record `index`'s payload set to `value` and every
+    checksum recomputed: only the checks of meaning can refuse it."""
+    payload = bytearray(payload_of(chunks, index))
+    payload[at] = value
+    return resealed(chunks, index, bytes(payload))
+
+
+ENTRY0 = 8 + 8  # the first TABLE entry's 512 bytes (after the count and its role)
+
+
+@pytest.mark.parametrize(("index", "at", "what"), [
+    (0, 104, "HEADER record"), (0, 127, "HEADER record"),
+    (1, 4, "TABLE record"), (1, 8 + 2, "TABLE entry 0"), (1, 8 + 7, "TABLE entry 0"),
+    (1, ENTRY0 + 6, "TABLE entry 0 is malformed"), (1, ENTRY0 + 48, "TABLE entry 0"),
+    (1, ENTRY0 + 63, "TABLE entry 0"), (1, ENTRY0 + 64 + 17, "TABLE entry 0"),
+    (1, ENTRY0 + 64 + 3 * 32 + 23, "TABLE entry 0"), (1, ENTRY0 + 192, "TABLE entry 0"),
+    (1, ENTRY0 + 255, "TABLE entry 0"), (1, ENTRY0 + 256 + 3, "TABLE entry 0"),
+    (1, ENTRY0 + 511, "TABLE entry 0"),
+    (2, 4, "PLANE record"), (2, 8 + 4, "PLANE record"),
+    (3, 12, "BLOCKS record"), (3, 15, "BLOCKS record"),
+    (4, 16, "END record"), (4, 31, "END record"),
+])
+def test_must_be_zero_bytes_are_checked(index: int, at: int, what: str) -> None:
+    """Every byte docs/FORMAT.md says is zero is refused when it is not, checksums
+    notwithstanding (issue 10 item 22)."""
+    chunks, _ = make_stream([3])  # one plane block (an odd count: 4 bytes of padding)
+    assert isinstance(decode_all(b"".join(chunks))[-1], EndRecord)
+    refused(poked(chunks, index, at), what)
+
+
+def test_unknown_record_flags_are_refused() -> None:
+    chunks, _ = make_stream([3])
+    refused(resealed(chunks, 1, payload_of(chunks, 1), flags=3), "unknown flags 0x3")
+
+
+def _entry_field(chunks: list[bytes], entry: int, fmt: str, at: int,
+                 value: int | bytes) -> bytes:
+    table = bytearray(payload_of(chunks, 1))
+    struct.pack_into(fmt, table, 8 + entry * 520 + 8 + at, value)
+    return resealed(chunks, 1, bytes(table))
+
+
+@pytest.mark.parametrize(("entry_no", "fmt", "at", "value", "says"), [
+    (0, "<I", 0, 1 | 16, "malformed"),  # an unknown entry flag
+    (1, "<I", 0, 1 | 2, "only the base .* is a shadow"),  # a carried shadow
+    (0, "<16s", 8, bytes(16), "zero GUID"),
+    (1, "<Q", 24, 99, "not older than"),  # a carried snapshot newer than the top
+    (0, "<Q", 64, 70_000, "outside the volume"),  # the inode file's root past the end
+    (0, "<Q", 64, 2, "outside the volume"),  # ... or on a root slot
+    (0, "<B", 64 + 16, 6, "height 6"),  # a tree taller than the format allows
+    (0, "<Q", 96 + 24, 4, "a plane of 4 blocks"),  # the active plane past the volume
+    (0, "<Q", 64, 0, "a hole with a checksum"),
+    (0, "<Q", 64 + 24, 0, "has no inode file"),
+    (0, "<Q", 160 + 24, 33, "snapshot table of 33 blocks"),
+])
+def test_ranged_table_fields_are_checked(entry_no: int, fmt: str, at: int,
+                                         value: int | bytes, says: str) -> None:
+    chunks, _ = make_stream([3])
+    refused(_entry_field(chunks, entry_no, fmt, at, value), says)
+
+
+@pytest.mark.parametrize(("at", "fmt", "value", "says"), [
+    (12, "<I", 4, "shadow base in a full stream"),  # HDR_SHADOW_BASE without incremental
+    (88, "<Q", 3, "resume VBN without the resumed flag"),
+    (80, "<Q", NBLOCKS - 2, "counts exceed the volume size"),  # more than VBNs 3.. hold
+    (48, "<Q", 0, "GUID is zero"),
+])
+def test_ranged_header_fields_are_checked(at: int, fmt: str, value: int, says: str) -> None:
+    chunks, _ = make_stream([3])
+    header = bytearray(payload_of(chunks, 0))
+    struct.pack_into(fmt, header, at, value)
+    if at == 48:
+        struct.pack_into("<Q", header, 56, 0)
+    refused(resealed(chunks, 0, bytes(header)), says)
+
+
+def test_the_caller_limits_the_volume_size_before_the_plane_is_made() -> None:
+    """A 128-byte header that claims a 4 PiB volume costs nothing: the decoder is told
+    the largest volume its caller takes and refuses the header before it makes the
+    selection plane (issue 10 item 6)."""
+    chunks, _ = make_stream([3])
+    header = bytearray(payload_of(chunks, 0))
+    struct.pack_into("<Q", header, 32, 1 << 40)  # the volume size: the format's maximum
+    stream = resealed(chunks, 0, bytes(header))
+    dec = Decoder(max_blocks=NBLOCKS)
+    dec.feed(stream[:200])
+    with pytest.raises(StreamTooLarge, match=f"{1 << 40} blocks, past the limit of "
+                                             f"{NBLOCKS}") as caught:
+        dec.next_record()
+    assert caught.value.nblocks == 1 << 40 and dec.plane is None and dec.header is None
+    # The limit is the caller's: the same well-formed stream passes a decoder that takes it.
+    good = Decoder(max_blocks=NBLOCKS)
+    good.feed(b"".join(chunks))
+    assert isinstance(list(good.records())[-1], EndRecord)

@@ -96,3 +96,72 @@ def test_errors_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
         snapshots.create(vol, "x", shadow=True)
     code, _, err = run(capsys, "verify", f"{a}@x", str(a))
     assert code == 2 and "shadow snapshot" in err
+
+
+def flip_byte_of(path: Path, file: bytes, indirect: bool = False) -> int:
+    """Flip one byte of the first data block of `file` (or its top indirect block) in the
+    image: a block rotted on disk. Returns its VBN."""
+    with Volume.open(path, writable=False) as vol:
+        tree = vol.active.node(FileSystem(vol).resolve(file)).tree
+        vbn = int(tree.top[0]["vbn"]) if indirect else tree.data_ptr(0)[0]
+    with open(path, "r+b") as f:
+        f.seek(vbn * 4096 + 10)
+        byte = f.read(1)[0]
+        f.seek(vbn * 4096 + 10)
+        f.write(bytes([byte ^ 0x40]))
+    return int(vbn)
+
+
+def test_without_deep_trees_are_compared_not_media(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A flipped byte on one side: the trees still match (say so), --deep finds the
+    block and the file that uses it, in text and JSON (issue 10 item 5)."""
+    a, b = tmp_path / "a.img", tmp_path / "b.img"
+    make(a, 20, 9000)
+    shutil.copyfile(a, b)
+    vbn = flip_byte_of(b, b"/d/e/f7")
+    code, out, _ = run(capsys, "verify", str(a), str(b))
+    assert code == 0
+    assert "trees compared, not media" in out and "--deep reads and checks every block" in out
+    code, out, _ = run(capsys, "verify", str(a), str(b), "--deep")
+    assert code == 1, out
+    assert f"damaged: {b} (active): block {vbn} fails its checksum" in out
+    assert "(used by /d/e/f7)" in out
+    assert "their trees are the same, but 1 block(s) on the media do not hold" in out
+    code, out, _ = run(capsys, "verify", f"{a}@s1", str(b), "--deep", "--json")
+    result = json.loads(out)
+    assert code == 1 and not result["same"] and result["trees_same"] and result["deep"]
+    assert result["media"]["source"]["damaged_blocks"] == 0
+    damaged = result["media"]["destination"]["damaged"]
+    assert [(d["vbn"], d["used_by"]) for d in damaged] == [(vbn, ["/d/e/f7"])]
+    assert result["media"]["source"]["blocks_checked"] > 20 * 3
+
+
+def test_deep_on_intact_replicas(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    a, b = tmp_path / "a.img", tmp_path / "b.img"
+    make(a, 20, 9000)
+    shutil.copyfile(a, b)
+    code, out, _ = run(capsys, "verify", str(a), str(b), "--deep")
+    assert code == 0, out
+    assert out.startswith("same:") and "every block read and its digest checked" in out
+
+
+def test_help_says_what_is_compared(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(capsys, "verify", "--help")
+    assert code == 0
+    text = " ".join(out.split())
+    assert "this compares trees, not media" in text and "--deep" in text
+
+
+def test_deep_goes_on_past_a_damaged_indirect_block(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    a, b = tmp_path / "a.img", tmp_path / "b.img"
+    make(a, 5, 400_000)  # 98 blocks each: a tree with an indirect block
+    shutil.copyfile(a, b)
+    bad_indirect = flip_byte_of(b, b"/d/e/f1", indirect=True)
+    bad_data = flip_byte_of(b, b"/d/e/f3")
+    code, out, _ = run(capsys, "verify", str(a), str(b), "--deep", "--json")
+    media = json.loads(out)["media"]["destination"]
+    assert code == 1
+    assert {d["vbn"] for d in media["damaged"]} == {bad_indirect, bad_data}
+    assert media["blocks_checked"] > 4 * 98  # the other files were read all the same

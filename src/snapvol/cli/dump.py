@@ -26,7 +26,8 @@ from snapvol.image.dump import base_of, dump, guid_str, restore
 @click.argument("snap", required=False)
 @click.option("--level", type=click.IntRange(0, 9), help="Dump level, 0 (full) to 9.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False),
-              help="Write the dump to this file (default stdout, when not a terminal).")
+              help="Write the dump to this new file (never replaced), or to a device or "
+                   "FIFO (default stdout, when not a terminal).")
 @click.option("--list", "list_", is_flag=True, help="List the dumps recorded in IMAGE.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def dump_cmd(image: str, snap: str | None, level: int | None, output: str | None,
@@ -47,9 +48,10 @@ def dump_cmd(image: str, snap: str | None, level: int | None, output: str | None
         raise click.UsageError("not writing a binary dump to a terminal: give -o FILE")
     with open_volume(image, writable=True) as vol:
         base = base_of(vol, level)
-        with stream_output(output, "dumps are never overwritten") as out, \
-                byte_progress("dumping") as progress:
-            rec = dump(vol, snap, level, out, progress)
+        with stream_output(output) as out, byte_progress("dumping") as progress:
+            rec = dump(vol, snap, level, out, progress, record=False)
+        # Recorded once the file has its name: a dump that never got there is no base.
+        dumps.record(vol, rec)
     facts = {"image": image, "snapshot": rec.snap_name, "guid": guid_str(rec.snap_guid),
              "level": rec.level, "base": base.snap_name if base else None,
              "bytes": rec.nbytes, "output": output}

@@ -34,8 +34,15 @@ from snapvol.image import (
     resume_token,
 )
 from snapvol.image.pipes import widen_pipe
-from snapvol.image.receiver import Source, pending_snapshot, read_header_from
+from snapvol.image.receiver import (
+    CREATE_MAX_BLOCKS,
+    Source,
+    pending_snapshot,
+    read_header_from,
+)
 from snapvol.image.sender import write_plan
+from snapvol.layout.constants import BLOCK_SIZE
+from snapvol.streams.imagestream import StreamTooLarge
 
 
 def receive_facts(vol: Volume) -> dict[str, Any]:
@@ -48,7 +55,8 @@ def receive_facts(vol: Volume) -> dict[str, Any]:
 @click.argument("snap")
 @click.option("--base", help="Send only the changes since this older snapshot.")
 @click.option("-o", "--output", "output", type=click.Path(dir_okay=False),
-              help="Write the stream to this file instead of stdout.")
+              help="Write the stream to this new file (never replaced: it appears only "
+                   "when complete), or to a device or FIFO, instead of stdout.")
 @click.option("--dry-run", is_flag=True, help="Print the exact size; send nothing.")
 @click.option("--resume", "token", help="Send only what an interrupted receive lacks "
               "(the token 'snapvol info DEST --json' shows).")
@@ -72,8 +80,7 @@ def send(image: str, snap: str, base: str | None, output: str | None, dry_run: b
                            f"{p.nblocks} blocks): snapshot {snap}, {what}")
             return
         with stream_output(output) as out, byte_progress("sending") as progress:
-            if output is None:
-                widen_pipe(sys.stdout.fileno())  # a whole record per wake-up of the reader
+            widen_pipe(out.fileno())  # a pipe or FIFO: a whole record per wake-up of the reader
             write_plan(vol, p, out, progress)
 
 
@@ -112,7 +119,10 @@ def receive_cmd(image: str, source: str | None, create: bool, abort_: bool,
             if os.path.lexists(image):
                 raise SnapvolError(f"{image} already exists: receive into it without "
                                    "--create, or name a new image")
-            header, chunks = read_header_from(f)
+            try:
+                header, chunks = read_header_from(f, CREATE_MAX_BLOCKS)
+            except StreamTooLarge as err:
+                raise SnapvolError(too_large_to_create(err)) from None
             Volume.create(image, header.nblocks * 4096).close()
         try:
             result = _receive_into(image, chunks, drop_local)
@@ -133,6 +143,14 @@ def receive_cmd(image: str, source: str | None, create: bool, abort_: bool,
                f"blocks, {human_size(result.nbytes)} in {seconds:.1f}s")
     for name in result.dropped:
         click.echo(f"dropped snapshot {name}: the source does not hold it")
+
+
+def too_large_to_create(err: StreamTooLarge) -> str:
+    """Why `--create` refuses a stream of a huge volume, and the way out."""
+    return (f"the stream is of a {human_size(err.nblocks * BLOCK_SIZE)} volume, larger than "
+            f"the {human_size(err.limit * BLOCK_SIZE)} that --create makes from a stream; "
+            "make the image yourself with 'snapvol create IMAGE --size SIZE' and receive "
+            "into it without --create")
 
 
 def _receive_into(image: str, chunks: Source, drop_local: bool) -> ReceiveResult:

@@ -34,7 +34,7 @@ from typing import IO
 from snapvol.engine import dumps
 from snapvol.engine.volume import Volume
 from snapvol.errors import SnapvolError
-from snapvol.image.receiver import ReceiveResult, open_for_receive, receive
+from snapvol.image.receiver import CREATE_MAX_BLOCKS, ReceiveResult, open_for_receive, receive
 from snapvol.image.sender import Progress, SendPlan, plan, write_plan
 from snapvol.layout.constants import BLOCK_SIZE
 from snapvol.layout.dumps import MAX_LEVEL, DumpRecord
@@ -45,6 +45,7 @@ from snapvol.streams.imagestream import (
     Decoder,
     StreamError,
     StreamHeader,
+    StreamTooLarge,
 )
 
 READ_CHUNK = 1 << 20
@@ -97,16 +98,18 @@ def plan_dump(vol: Volume, snap: str, level: int) -> tuple[SendPlan, DumpRecord 
 
 
 def dump(vol: Volume, snap: str, level: int, out: IO[bytes],
-         progress: Progress | None = None) -> DumpRecord:
+         progress: Progress | None = None, record: bool = True) -> DumpRecord:
     """Write a level-`level` dump of snapshot `snap` to `out` and record it in `vol`
-    (open writable). The record is added only after the whole stream is written."""
+    (open writable). The record is added only after the whole stream is written; with
+    `record` False the caller adds it (`dumps.record`) once the output is in place."""
     with vol.mutex:
         p, base = plan_dump(vol, snap, level)
         done = write_plan(vol, p, out, progress)
         top = p.snap
         rec = DumpRecord(level, top.guid, top.name, top.cp_count, time.time_ns(), done,
                          base.snap_guid if base is not None else bytes(16))
-        dumps.record(vol, rec)
+        if record:
+            dumps.record(vol, rec)
         return rec
 
 
@@ -132,9 +135,12 @@ def chunks_of(f: IO[bytes]) -> Iterator[bytes]:
         yield chunk
 
 
-def inspect(path: str, progress: Progress | None = None) -> DumpFile:
-    """Read a dump file through, checking every record; what it brings."""
-    dec = Decoder()
+def inspect(path: str, max_blocks: int = CREATE_MAX_BLOCKS,
+            target: str | None = None) -> DumpFile:
+    """Read a dump file through, checking every record; what it brings. A dump of a
+    volume past `max_blocks` (the size of `target`, the image it would go to, or with
+    None what `--create` makes) is refused before its plane is made."""
+    dec = Decoder(max_blocks)
     try:
         with open(path, "rb") as f:
             for chunk in chunks_of(f):
@@ -144,6 +150,16 @@ def inspect(path: str, progress: Progress | None = None) -> DumpFile:
             dec.finish()
     except OSError as err:
         raise DumpError(f"cannot read {path}: {err.strerror}") from None
+    except StreamTooLarge as err:
+        size = err.nblocks * BLOCK_SIZE
+        if target is not None:
+            raise DumpError(f"{path} is a dump of a {size}-byte volume, larger than {target} "
+                            f"({err.limit * BLOCK_SIZE} bytes); restore into a larger image"
+                            ) from None
+        raise DumpError(f"{path} is a dump of a {size}-byte volume, larger than the "
+                        f"{err.limit * BLOCK_SIZE} bytes --create makes from a dump; make "
+                        "the image with 'snapvol create IMAGE --size SIZE' and restore into "
+                        "it without --create") from None
     except StreamError as err:
         raise DumpError(f"{path} is not a usable dump: {err}") from None
     assert dec.header is not None
@@ -208,7 +224,6 @@ def restore(image: str, paths: list[str], create: bool,
             progress: Progress | None = None) -> list[ReceiveResult]:
     """Apply the dump files `paths`, in order, to `image` (made first with `create`).
     Everything is checked before the first block is written."""
-    files = [inspect(p) for p in paths]
     exists = os.path.lexists(image)
     if create and exists:
         raise DumpError(f"{image} already exists: restore into it without --create, or "
@@ -216,9 +231,13 @@ def restore(image: str, paths: list[str], create: bool,
     if not create and not exists:
         raise DumpError(f"{image} does not exist: add --create to make it")
     held: dict[bytes, str] | None = None
-    if not create:
+    if create:
+        files = [inspect(p) for p in paths]
+    else:
         with Volume.open(image, writable=False) as vol:
             held = {e.guid: e.name for e in vol.snapshots.regular()}
+            limit = vol.nblocks
+        files = [inspect(p, limit, image) for p in paths]
     check_chain(files, held, image)
     if create:
         Volume.create(image, files[0].header.nblocks * BLOCK_SIZE).close()

@@ -16,7 +16,16 @@ The order is what keeps the destination safe (DESIGN.md §3.5-3.7):
    in the root how far blocks are durable: that is the resume token's VBN. The thread
    lets blocks keep arriving during the flush (the receive does not stall on it), and
    the writeback it forces overlaps the transfer instead of piling up for the end.
-4. At END the device is flushed and one CP makes the received snapshot's inode file the
+4. At END, before anything is installed, the trees the stream brings are checked
+   (`_check_install`): walked inside the selection (engine/reach.py), every block they
+   reach must have arrived with the checksum their pointers give it (each BLOCKS record
+   is hashed as it is written, one call into C), every pointer must lie in the volume and
+   every one leaving the selection must lead into a snapshot this destination holds and
+   keeps; every tree's top is verified, each snapshot's trees stay inside its own plane,
+   and no block arrives that no tree reaches. A stream that fails (a crafted one: its
+   record checksums are right, its trees are not) is refused and its blocks discarded,
+   so the destination is exactly as it was.
+5. The device is flushed and one CP makes the received snapshot's inode file the
    active one, its table the table and the union of its planes the summary, releasing
    the pin: one root write, so a reader sees the old state or the new one, never a mix.
 
@@ -40,14 +49,18 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
 from typing import Protocol, runtime_checkable
 
+import numpy as np
+
 from snapvol.device import ImageDevice
 from snapvol.engine import planefile, shadows, snapshots
 from snapvol.engine.image import Image
+from snapvol.engine.reach import TREE_NAMES, DamagedBlock, Ranks, Reach, image_trees
 from snapvol.engine.snapshots import SnapshotTable
 from snapvol.engine.volume import Volume, root_of, tree_vbns
-from snapvol.errors import LockedError, VolumeError
+from snapvol.errors import LockedError, SnapvolError, VolumeError
 from snapvol.image.sender import Progress
-from snapvol.layout.constants import BLOCK_SIZE, ROOT_INO
+from snapvol.layout.checksum import run_checksums
+from snapvol.layout.constants import BLOCK_SIZE, FIRST_DATA_VBN, INOMAP_INO, ROOT_INO
 from snapvol.layout.records import RECEIVE_UPDATING
 from snapvol.layout.snaptable import SNAP_IN_USE, SNAP_RECEIVED, SNAP_REPLICA, SnapEntry
 from snapvol.planes import Plane, difference, intersection, union
@@ -56,6 +69,7 @@ from snapvol.streams.imagestream import (
     HDR_RESUMED,
     HEADER_PAYLOAD,
     ROLE_BASE,
+    ROLE_CARRIED,
     ROLE_HELD,
     ROLE_TOP,
     BlocksRecord,
@@ -65,12 +79,19 @@ from snapvol.streams.imagestream import (
     Record,
     StreamError,
     StreamHeader,
+    StreamTooLarge,
     TableItem,
     count_from,
     decode_table,
     encode_table,
     encode_token,
 )
+
+CREATE_MAX_BLOCKS = 1 << 32
+"""The largest volume a stream makes `receive --create` (and `restore --create`) create:
+16 TiB, whose planes take 512 MiB each. A stream's header is 128 bytes from a peer that
+may be hostile, and the volume it names costs memory in proportion to its size; a larger
+source is received into an image the user made with `snapvol create`."""
 
 CHECKPOINT_BYTES = 256 << 20
 """Block bytes between flushes that advance the resume point: at most this much is sent
@@ -207,10 +228,12 @@ class _Prefixed:
         return n
 
 
-def read_header_from(source: Readable) -> tuple[StreamHeader, Readable]:
+def read_header_from(source: Readable, max_blocks: int = CREATE_MAX_BLOCKS
+                     ) -> tuple[StreamHeader, Readable]:
     """`read_header` for a raw readable file: the header, and a readable that serves
-    the whole stream again."""
-    dec = Decoder()
+    the whole stream again. A header of a volume past `max_blocks` raises
+    StreamTooLarge."""
+    dec = Decoder(max_blocks)
     seen = bytearray()
 
     def keep(buffer: memoryview) -> int | None:
@@ -225,10 +248,11 @@ def read_header_from(source: Readable) -> tuple[StreamHeader, Readable]:
     return rec.header, _Prefixed(bytes(seen), source)
 
 
-def read_header(chunks: Iterable[bytes]) -> tuple[StreamHeader, Iterator[bytes]]:
+def read_header(chunks: Iterable[bytes], max_blocks: int = CREATE_MAX_BLOCKS
+                ) -> tuple[StreamHeader, Iterator[bytes]]:
     """The header of a stream and the whole stream again (for `receive --create`, which
     needs the source's size before it can make the image)."""
-    dec = Decoder()
+    dec = Decoder(max_blocks)
     seen: list[bytes] = []
     it = iter(chunks)
     for chunk in it:
@@ -316,22 +340,25 @@ def receive(vol: Volume, chunks: Source, progress: Progress | None = None,
     the result."""
     if not vol.writable or vol.alloc is None:
         raise VolumeError(f"{vol.path} is open read-only; a receive writes to it")
-    dec = Decoder()
+    # The destination's size is the decoder's limit: a header naming a larger volume is
+    # refused before the selection plane (a bit per block of it) is made.
+    dec = Decoder(max_blocks=vol.nblocks)
     records = (_read_records(dec, chunks) if isinstance(chunks, Readable)
                else _records(dec, iter(chunks)))
     first: Record | None = None
-    for rec in records:
-        if isinstance(rec, (BlocksRecord, EndRecord)):
-            first = rec
-            break
+    try:
+        for rec in records:
+            if isinstance(rec, (BlocksRecord, EndRecord)):
+                first = rec
+                break
+    except StreamTooLarge as err:
+        raise VolumeError(
+            f"{vol.path} is smaller than the source ({vol.nblocks * BLOCK_SIZE} bytes, the "
+            f"stream needs {err.nblocks * BLOCK_SIZE}); receive into a larger image, or a "
+            "new one with --create") from None
     header, items, selection = dec.header, dec.table, dec.plane
     assert first is not None and header is not None and selection is not None
     if selection.nblocks != vol.nblocks:
-        if header.nblocks > vol.nblocks:
-            raise VolumeError(
-                f"{vol.path} is smaller than the source ({vol.nblocks * BLOCK_SIZE} bytes, "
-                f"the stream needs {header.nblocks * BLOCK_SIZE}); receive into a larger "
-                "image, or a new one with --create")
         selection = selection.resized(vol.nblocks)
     with vol.mutex:
         resumed, dropped = _admit(vol, header, items, selection, drop_local)
@@ -340,6 +367,9 @@ def receive(vol: Volume, chunks: Source, progress: Progress | None = None,
     written_to, pending, nblocks = done_before, 0, 0
     write = vol.dev.writev
     checkpoints = _Checkpointer(vol)
+    # The checksum of every block as it arrived, by rank in the selection, for the check
+    # against the trees at the end (the pointers to a block mostly come after it).
+    got = Arrived(selection)
     try:
         rec = first
         while not isinstance(rec, EndRecord):
@@ -347,6 +377,7 @@ def receive(vol: Volume, chunks: Source, progress: Progress | None = None,
             end = rec.vbn + rec.count
             if end > done_before:
                 write(rec.vbn, [rec.data])
+                got.add(rec.vbn, rec.count, rec.data)
                 nblocks += rec.count
                 pending += rec.count * BLOCK_SIZE
             written_to = max(written_to, end)
@@ -374,11 +405,231 @@ def receive(vol: Volume, chunks: Source, progress: Progress | None = None,
         raise
     vol.dev.flush()
     with vol.mutex:
+        try:
+            _check_install(vol, items, selection, got)
+        except Refused as err:
+            raise _refuse(vol, items, str(err)) from None
         top, base, more = _switch(vol, items)
     if progress is not None:
         progress(dec.offset, dec.offset)
     return ReceiveResult(top.name, _guid(top.guid), base, nblocks, dec.offset, resumed,
                          tuple(dropped + more))
+
+
+class Arrived:
+    """The checksums of the selected blocks as they arrived (one C call per record),
+    by rank in the selection.
+
+    The records a run writes are the stream's from the first one past what an earlier
+    run made durable, and (the decoder checks) they are ascending runs of the selection
+    that END finds complete: so record k's first block has the rank of the first one
+    plus the blocks before it, and what this run did not hash is the selection below
+    the first block it wrote."""
+
+    def __init__(self, selection: Plane) -> None:
+        self.ranks = Ranks(selection)
+        self.csums = np.zeros(self.ranks.total, dtype=np.uint64)
+        self.selection = selection
+        self._next = -1  # the rank of the next block to arrive (-1: none has yet)
+        self._first_vbn = selection.nblocks
+
+    def add(self, vbn: int, count: int, data: bytes | memoryview) -> None:
+        at = self._next
+        if at < 0:
+            at, self._first_vbn = self.ranks.one(vbn), vbn
+        self.csums[at : at + count] = run_checksums(data, vbn)
+        self._next = at + count
+
+    def read_back(self, vol: Volume) -> None:
+        """Hash from the device the selected blocks that an earlier run of a resumed
+        receive wrote (this run skipped them)."""
+        below = self.selection.copy()
+        below.clear_range(self._first_vbn, self.selection.nblocks - self._first_vbn)
+        missing = below.members()
+        if not len(missing):
+            return
+        breaks = (np.flatnonzero(np.diff(missing.view(np.int64)) != 1) + 1).tolist()
+        heads = missing[[0, *breaks]].tolist()
+        rank = 0  # members below the first hashed block are the first ranks
+        for lo, hi, v0 in zip([0, *breaks], [*breaks, len(missing)], heads, strict=True):
+            for at in range(0, hi - lo, 256):
+                n = min(256, hi - lo - at)
+                self.csums[rank : rank + n] = run_checksums(vol.dev.read(v0 + at, n), v0 + at)
+                rank += n
+
+
+class Refused(SnapvolError):
+    """What the stream would install fails a check (`_check_install`)."""
+
+
+def _check_install(vol: Volume, items: tuple[TableItem, ...], selection: Plane,
+                   got: Arrived) -> None:
+    """Before the switch: check what the stream would install (its snapshots' trees) and
+    every block they reach. Raises Refused, naming the snapshot and the block.
+
+    - every pointer lies in the volume's data area (engine/reach.py);
+    - inside the selection, every block a tree reaches arrived with the checksum its
+      pointer gives (the indirect and inode-file blocks on the way are read and verified
+      while walking); a block no tree reaches did not belong in the stream;
+    - outside the selection, a pointer leads into a snapshot this destination holds and
+      keeps (BASE and the held ones), whose blocks are not sent again; a tree's top there
+      is read and verified;
+    - a snapshot's trees reach each block once, and only blocks of its own plane (which
+      becomes the active plane or joins the summary: a block outside it could be handed
+      out again under the tree); its plane holds no block that neither the stream nor a
+      kept snapshot holds, and SNAP's (walked first, so it reaches all its own blocks
+      itself) no block of the stream its trees do not reach."""
+    got.read_back(vol)
+    by_guid = {e.guid: e for e in vol.snapshots.slots.values()}
+    held = [by_guid[i.entry.guid] for i in items
+            if i.role in (ROLE_BASE, ROLE_HELD) and i.entry.guid in by_guid]
+    kept = union(*(_plane(vol, e) for e in held)) if held else Plane.zeros(vol.nblocks)
+    reach = Reach(vol.io, vol.nblocks, within=selection)
+    reached = np.zeros(got.ranks.total, dtype=bool)  # by rank in the selection
+    brought = sorted((i for i in items if i.role in (ROLE_TOP, ROLE_CARRIED)),
+                     key=lambda i: i.role != ROLE_TOP)
+    for item in brought:
+        check = _EntryCheck(vol, item.entry, selection, kept, got)
+        check.run(reach, whole=item.role == ROLE_TOP)
+        reached |= check.seen
+    if not reached.all():
+        stray = np.flatnonzero(~reached)
+        raise Refused(f"the stream carries {len(stray)} block(s) that no tree of its "
+                      f"snapshots reaches (the first is "
+                      f"{int(selection.members()[stray[0]])})")
+
+
+class _EntryCheck:
+    """`_check_install` for the trees of one snapshot the stream brings. What its trees
+    reach is kept by rank in the selection (`seen`, a byte per block: no sort of the
+    pointers on the way) and, outside it, in a plane (`seen_outside`, few blocks)."""
+
+    def __init__(self, vol: Volume, entry: SnapEntry, selection: Plane, kept: Plane,
+                 got: Arrived) -> None:
+        self.vol, self.entry, self.selection, self.kept, self.got = (
+            vol, entry, selection, kept, got)
+        self.what = f"snapshot {entry.name!r} of the stream"
+        try:
+            self.plane = _plane(vol, entry)
+        except SnapvolError as err:
+            raise Refused(f"the plane of {self.what} cannot be read: {err}") from None
+        self.seen = np.zeros(got.ranks.total, dtype=bool)
+        self.seen_outside = Plane.zeros(vol.nblocks)
+
+    def run(self, reach: Reach, whole: bool) -> None:
+        """Walk this snapshot's trees; `whole` when no other walk entered any of its
+        blocks before, so `seen` ends as all it reaches in the selection."""
+        vol = self.vol
+        extra = difference(difference(self.plane, self.selection), self.kept)
+        extra.clear_range(0, min(FIRST_DATA_VBN, vol.nblocks))
+        if extra.count():
+            raise Refused(f"the plane of {self.what} holds block {int(extra.members()[0])}, "
+                          "which neither the stream nor a snapshot this destination keeps "
+                          "holds")
+        for name, root in zip(TREE_NAMES, self.entry.trees, strict=True):
+            vbn = root.ptr.vbn
+            if not vbn or self.selection.test(vbn):
+                continue  # a hole, or read and verified by the walk
+            self._foreign(np.array([vbn], dtype=np.uint64))
+            try:
+                vol.io.read(vbn, root.ptr.csum)
+            except SnapvolError:
+                raise Refused(f"the root of {name} of {self.what} names block {vbn} with "
+                              "a checksum the block does not have") from None
+        try:
+            reach.walk(image_trees(self.entry.trees), self.inside, self.outside)
+        except DamagedBlock as err:
+            raise Refused(f"the trees of {self.what} are damaged: {err}") from None
+        mine = intersection(self.plane, self.selection)
+        if whole and int(np.count_nonzero(self.seen)) != mine.count():
+            ranks = self.got.ranks.of(mine.members())
+            unreached = mine.members()[~self.seen[ranks]]
+            raise Refused(f"the plane of {self.what} holds block {int(unreached[0])}, "
+                          "which its trees do not reach")
+        # The file system must open: the inode map and a root directory.
+        image = Image(vol.io, self.entry.inode_file)
+        try:
+            ok = image.exists(INOMAP_INO) and image.node(ROOT_INO).inode.is_dir
+        except (SnapvolError, ValueError):
+            ok = False
+        if not ok:
+            raise Refused(f"the inode file of {self.what} has no inode map or no root "
+                          "directory")
+
+    def _twice(self, vbn: int) -> Refused:
+        return Refused(f"the trees of {self.what} reach block {vbn} twice")
+
+    def _in_plane(self, vbns: np.ndarray) -> None:
+        alien = ~self.plane.test_many(vbns)
+        if alien.any():
+            raise Refused(f"the trees of {self.what} reach block {int(vbns[alien][0])}, "
+                          "which its plane does not hold")
+
+    def inside(self, vbns: np.ndarray, csums: np.ndarray, level: int) -> None:
+        got = self.got
+        ranks = got.ranks.of(vbns)
+        wrong = got.csums[ranks] != csums
+        if wrong.any():
+            raise Refused(f"block {int(vbns[wrong][0])} of {self.what} arrived with other "
+                          "contents than its tree says (damaged or forged data)")
+        seen = self.seen
+        again = seen[ranks]
+        if again.any():
+            raise self._twice(int(vbns[again][0]))
+        lo, hi = int(ranks.min()), int(ranks.max()) + 1
+        if hi - lo <= 4 * len(ranks) + 4096:
+            # The usual case, runs of blocks: count what the batch set in its span, so a
+            # block named twice in it costs no sort to find.
+            before = int(np.count_nonzero(seen[lo:hi]))
+            seen[ranks] = True
+            if int(np.count_nonzero(seen[lo:hi])) - before != len(ranks):
+                once, count = np.unique(ranks, return_counts=True)
+                raise self._twice(int(vbns[ranks == once[count > 1][0]][0]))
+        else:
+            once, count = np.unique(ranks, return_counts=True)
+            if (count > 1).any():
+                raise self._twice(int(vbns[ranks == once[count > 1][0]][0]))
+            seen[ranks] = True
+        self._in_plane(vbns)
+
+    def _foreign(self, vbns: np.ndarray) -> None:
+        foreign = ~self.kept.test_many(vbns)
+        if foreign.any():
+            raise Refused(f"the trees of {self.what} lead to block {int(vbns[foreign][0])}, "
+                          "which neither the stream nor a snapshot this destination keeps "
+                          "holds")
+
+    def outside(self, vbns: np.ndarray, csums: np.ndarray, level: int) -> None:
+        self._foreign(vbns)
+        vbns = np.sort(vbns)
+        again = vbns[1:][vbns[1:] == vbns[:-1]]
+        if len(again) or self.seen_outside.test_many(vbns).any():
+            raise self._twice(int(again[0]) if len(again) else
+                              int(vbns[self.seen_outside.test_many(vbns)][0]))
+        self.seen_outside.set_many(vbns)
+        self._in_plane(vbns)
+
+
+def _refuse(vol: Volume, items: tuple[TableItem, ...], why: str) -> StreamError:
+    """Refuse a stream whose trees failed `_check_install`, leaving the destination as it
+    was: the blocks it brought are discarded (its pin released), unless the receive
+    overwrote blocks of the current state (a shadow base): then it stays pending, to be
+    finished from a sound source."""
+    name = next(i.entry.name for i in items if i.role == ROLE_TOP)
+    if vol.receive_flags & RECEIVE_UPDATING:
+        # Nothing received is trusted: the next try rewrites every block.
+        vol.receive_done = 0
+        vol.cp(force=True)
+        return StreamError(
+            f"{vol.path}: the stream is refused: {why}; nothing was installed, and the "
+            f"partial receive of {name!r} stays (it overwrote blocks of the previous "
+            f"state, so it cannot be discarded): send it again whole from a sound source "
+            f"with 'snapvol send SOURCE {name} --base BASE --resume {resume_token(vol)}'")
+    vol.cp()
+    _release(vol)
+    return StreamError(f"{vol.path}: the stream is refused: {why}; nothing was installed "
+                       f"and the blocks it brought were discarded: {vol.path} keeps its "
+                       "previous state")
 
 
 def _checkpoint(vol: Volume, written_to: int) -> None:

@@ -8,7 +8,13 @@ older snapshot still in use is in BASE, and one that came back by a restore is i
 older snapshot, which the destination holds; so one subtraction of held planes is exact.
 
 Only the blocks selected are read, with one positioned read per BLOCKS record (up to
-1 MiB of contiguous VBNs); no tree is walked and no block outside the selection is read.
+1 MiB of contiguous VBNs), and every one is checked against the checksum of the pointer
+that leads to it (DESIGN.md §3.3), as `zfs send` reads through the verifying read path: a
+damaged block stops the send, naming the block and the files that use it, instead of
+travelling to the mirror as valid data. The checksums come from the trees of the
+snapshots the stream brings, walked only inside the selection (engine/reach.py): a
+subtree outside it is held by BASE, so the walk reads a part of the metadata in
+proportion to the stream.
 """
 
 from __future__ import annotations
@@ -22,8 +28,12 @@ import numpy as np
 import numpy.typing as npt
 
 from snapvol.engine import planefile, shadows
+from snapvol.engine.compare import users
+from snapvol.engine.reach import DamagedBlock, Ranks, Reach, image_trees
 from snapvol.engine.snapshots import SnapshotError, snapshot_plane
 from snapvol.engine.volume import Volume, tree_of
+from snapvol.errors import CorruptionError
+from snapvol.layout.checksum import first_bad_block
 from snapvol.layout.constants import BLOCK_SIZE, FIRST_DATA_VBN
 from snapvol.layout.snaptable import SnapEntry
 from snapvol.planes import Plane
@@ -52,6 +62,10 @@ from snapvol.streams.imagestream import (
 
 Progress = Callable[[int, int], None]
 """Told (bytes done, bytes in all) as a transfer goes."""
+
+
+class SendError(CorruptionError):
+    """A block the send would carry fails its check on the source: the send stops."""
 
 ZERO_GUID = bytes(16)
 
@@ -195,20 +209,91 @@ def stream_plan(vol: Volume, p: SendPlan) -> Iterator[bytes | bytearray]:
     caller holds the volume, so the blocks cannot change under the stream (R1).
 
     Each BLOCKS record is one new buffer: the device reads the run straight into it
-    between its frame and its checksum, so a consumer writes one chunk per record and
-    nothing copies the data in user space (each chunk stays valid after the next one)."""
+    between its frame and its checksum, and the run's blocks are checked against their
+    pointers' checksums there, in one call into C; so a consumer writes one chunk per
+    record and nothing copies the data in user space (each chunk stays valid after the
+    next one). A block that fails raises SendError before its record is handed out."""
+    expected = expected_checksums(vol, p)
+    at = Ranks(p.plane).of(p.starts).tolist() if len(p.starts) else []
     enc = Encoder()
     yield from enc.header(p.header)
     yield from enc.table(list(p.items))
     yield from enc.plane(p.plane)
     dev = vol.dev
-    for vbn, count in zip(p.starts.tolist(), p.counts.tolist(), strict=True):
+    for vbn, count, rank in zip(p.starts.tolist(), p.counts.tolist(), at, strict=True):
+        want = expected[rank : rank + count]
 
-        def fill(view: memoryview, vbn: int = vbn) -> None:
+        def fill(view: memoryview, vbn: int = vbn, want: np.ndarray = want) -> None:
             dev.readv(vbn, [view])
+            bad = first_bad_block(view, vbn, want)
+            if bad >= 0:
+                raise _damaged(vol, p, vbn + bad, f"fails its checksum (expected "
+                                                  f"{int(want[bad]):016x})")
 
         yield enc.blocks_filled(vbn, count, fill)
     yield from enc.end(p.nblocks)
+
+
+def _sent_entries(p: SendPlan) -> list[SnapEntry]:
+    """The snapshots whose trees the stream carries: SNAP, then the older ones."""
+    return [i.entry for i in p.items if i.role in (ROLE_TOP, ROLE_CARRIED)]
+
+
+def expected_checksums(vol: Volume, p: SendPlan) -> np.ndarray:
+    """The checksum each selected block must have, by rank in the selection: from the
+    pointers of the trees of the snapshots the stream brings, walked inside the
+    selection (every indirect and inode-file block on the way is read and verified).
+    Every selected block must be reached, and with one checksum."""
+    sel = p.plane
+    ranks = Ranks(sel)
+    expected = np.zeros(ranks.total, dtype=np.uint64)
+    seen = np.zeros(ranks.total, dtype=bool)  # by rank, as `expected`
+
+    def visit(vbns: np.ndarray, csums: np.ndarray, level: int) -> None:
+        r = ranks.of(vbns)
+        again = seen[r]
+        if again.any():  # shared with a snapshot walked before: the same pointer
+            differ = expected[r[again]] != csums[again]
+            if differ.any():
+                raise _damaged(vol, p, int(vbns[again][differ][0]),
+                               "is named by two pointers with different checksums")
+        expected[r] = csums
+        differ = expected[r] != csums  # named twice in this batch, with two checksums
+        if differ.any():
+            raise _damaged(vol, p, int(vbns[differ][0]),
+                           "is named by two pointers with different checksums")
+        seen[r] = True
+
+    reach = Reach(vol.io, vol.nblocks, within=sel)
+    try:
+        for entry in _sent_entries(p):
+            reach.walk(image_trees(entry.trees), visit)
+    except DamagedBlock as err:
+        raise _damaged(vol, p, err.vbn, err.why) from None
+    if not seen.all():
+        missing = np.flatnonzero(~seen)
+        raise SendError(
+            f"{vol.path}: block {int(sel.members()[missing[0]])} is in the plane of snapshot "
+            f"{p.snap.name!r} (or of one it carries) but no tree of theirs reaches it, and "
+            f"{len(missing)} block(s) like it: the planes are damaged, so the send stopped "
+            f"before writing anything; check the volume with 'snapvol fsck {vol.path}'")
+    return expected
+
+
+def _damaged(vol: Volume, p: SendPlan, vbn: int, what: str) -> SendError:
+    """The error that stops a send at block `vbn`, naming what uses it."""
+    names: list[str] = []
+    for entry in _sent_entries(p):
+        names = users(vol.io, vol.nblocks, entry.trees, [vbn]).get(vbn, [])
+        if names:
+            where = f"used by {', '.join(names)} in snapshot {entry.name!r}"
+            break
+    else:
+        where = f"in snapshot {p.snap.name!r}"
+    return SendError(
+        f"{vol.path}: block {vbn} {what} ({where}): the source is damaged there and the send "
+        "stopped, so the damage does not travel; restore or delete what uses it, and check "
+        f"the volume with 'snapvol fsck {vol.path}'")
 
 
 def write_plan(vol: Volume, p: SendPlan, out: IO[bytes],

@@ -8,8 +8,11 @@ records as they complete, checking each one before anything uses it (DESIGN.md Â
   a dropped record, a repeated record and two records swapped are all caught;
 - records come in one order: HEADER, TABLE, PLANE..., BLOCKS..., END, nothing after;
 - an unknown record type is skipped when its REQUIRED flag is clear, refused otherwise;
-- sizes are bounded (`MAX_PAYLOAD`, `MAX_RUN`, `MAX_VOLUME_BLOCKS`) before any buffer
-  grows to hold them;
+- sizes are bounded (`MAX_PAYLOAD`, `MAX_RUN`, and the caller's `max_blocks`, at most
+  `MAX_VOLUME_BLOCKS`) before any buffer grows to hold them: a header describing a
+  volume past the caller's limit is refused before its plane is made;
+- every byte the format says is zero is zero, and every field with a range is inside it
+  (flags, roles, counts, GUIDs, CP order, tree roots inside the volume);
 - snapshot names in the table follow the volume's rules (no `/` or NUL, not `.`/`..`);
 - BLOCKS runs ascend, lie inside the volume and inside the selection plane the stream
   announced, and END's totals match what came.
@@ -30,12 +33,21 @@ from snapvol.errors import SnapvolError
 from snapvol.layout.constants import (
     BLOCK_SIZE,
     FIRST_DATA_VBN,
+    MAX_HEIGHT,
     MAX_NAME,
     MAX_SNAPSHOTS,
     SNAP_ENTRY_SIZE,
+    SNAP_TABLE_BLOCKS,
 )
 from snapvol.layout.names import InvalidName, check_stored_snapshot_name
-from snapvol.layout.snaptable import SNAP_IN_USE, SnapEntry
+from snapvol.layout.records import TreeRoot
+from snapvol.layout.snaptable import (
+    NO_VOLUME,
+    SNAP_IN_USE,
+    SNAP_KNOWN_FLAGS,
+    SNAP_REPLICA,
+    SnapEntry,
+)
 from snapvol.planes import PLANE_BLOCK_BYTES, Plane
 
 STREAM_MAGIC = b"SVSTREAM"
@@ -50,7 +62,8 @@ REC_NAMES = {REC_HEADER: "HEADER", REC_TABLE: "TABLE", REC_PLANE: "PLANE",
              REC_BLOCKS: "BLOCKS", REC_END: "END"}
 
 FLAG_REQUIRED = 1
-"""Record flag: a reader that does not know the type must refuse the stream."""
+"""Record flag: a reader that does not know the type must refuse the stream. The other
+flag bits are zero."""
 
 HDR_INCREMENTAL = 1
 HDR_RESUMED = 2
@@ -95,6 +108,24 @@ class StreamError(SnapvolError):
     """The stream is damaged, truncated, out of order or from an unknown version."""
 
 
+class StreamTooLarge(StreamError):
+    """The HEADER describes a volume larger than the decoder's caller accepts (the
+    destination's size): refused before the selection plane is made."""
+
+    def __init__(self, nblocks: int, limit: int) -> None:
+        super().__init__(f"image stream describes a volume of {nblocks} blocks, past the "
+                         f"limit of {limit} blocks")
+        self.nblocks = nblocks
+        self.limit = limit
+
+
+def _zero(data: bytes | memoryview, lo: int, hi: int, what: str) -> None:
+    """Refuse a record whose bytes lo..hi-1, which the format says are zero, are not."""
+    if any(bytes(data[lo:hi])):
+        raise StreamError(f"{what}: bytes {lo}..{hi - 1} must be zero (damaged stream, or "
+                          "written by a newer snapvol)")
+
+
 @dataclass(frozen=True, slots=True)
 class StreamHeader:
     """What a stream is: whose blocks, which snapshot, relative to which base."""
@@ -130,6 +161,7 @@ class StreamHeader:
             raise StreamError(f"HEADER record is {len(data)} bytes, expected {_HEADER.size}")
         (magic, version, flags, uuid, nblocks, bsize, entries, snap, base, selected,
          resume_from, time_ns) = _HEADER.unpack(data)
+        _zero(data, _HEADER.size - 24, _HEADER.size, "HEADER record")
         if magic != STREAM_MAGIC:
             raise StreamError("not a snapvol image stream (bad magic)")
         if version != STREAM_VERSION:
@@ -144,10 +176,16 @@ class StreamHeader:
         if not 0 < entries <= MAX_SNAPSHOTS + 1:
             raise StreamError(f"image stream announces {entries} snapshots (limit "
                               f"{MAX_SNAPSHOTS + 1})")
-        if selected > nblocks or resume_from > nblocks:
+        if selected > nblocks - min(nblocks, FIRST_DATA_VBN) or resume_from > nblocks:
             raise StreamError("image stream header counts exceed the volume size")
         if bool(flags & HDR_INCREMENTAL) != any(base):
             raise StreamError("image stream header: base GUID and incremental flag disagree")
+        if not any(snap) or snap == base:
+            raise StreamError("image stream header: the snapshot's GUID is zero or the base's")
+        if flags & HDR_SHADOW_BASE and not flags & HDR_INCREMENTAL:
+            raise StreamError("image stream header: a shadow base in a full stream")
+        if resume_from and not flags & HDR_RESUMED:
+            raise StreamError("image stream header: a resume VBN without the resumed flag")
         return cls(uuid, nblocks, snap, base, selected, resume_from, flags, entries,
                    time_ns, version, bsize)
 
@@ -287,14 +325,79 @@ def check_entry_name(raw: bytes) -> str:
         raise StreamError(f"image stream: {err}") from None
 
 
+_TREE_NAMES = ("inode file", "active plane", "summary plane", "snapshot table")
+_ENTRY_TREES_AT = 64  # offsets in a snapshot table entry (docs/FORMAT.md, layout.snaptable)
+_ENTRY_NAME_AT = 256
+
+
+def _check_tree(root: TreeRoot, what: str, nblocks: int) -> None:
+    """A tree root of a table entry: its top pointer a hole or inside the data area of a
+    volume of `nblocks`, and its height inside the format's. (Its size may pass what the
+    height addresses: blocks past the last written one are holes.)"""
+    vbn = root.ptr.vbn
+    if vbn and not FIRST_DATA_VBN <= vbn < nblocks:
+        raise StreamError(f"{what}: its root points to VBN {vbn}, outside the volume")
+    if root.height > MAX_HEIGHT:
+        raise StreamError(f"{what}: height {root.height} is out of range (at most "
+                          f"{MAX_HEIGHT})")
+    if not vbn and root.ptr.csum:
+        raise StreamError(f"{what}: a hole with a checksum")
+
+
+def _check_entry(raw: bytes, role: int, header: StreamHeader, where: str) -> SnapEntry:
+    """One 512-byte table entry, every field checked (docs/FORMAT.md "Snapshot table")."""
+    flags, nlen, pad = struct.unpack_from("<IHH", raw)
+    if flags & ~SNAP_KNOWN_FLAGS or not flags & SNAP_IN_USE or pad:
+        raise StreamError(f"{where} is malformed (flags {flags:#x})")
+    if not 0 < nlen <= MAX_NAME:
+        raise StreamError(f"{where} has a name of {nlen} bytes")
+    check_entry_name(raw[_ENTRY_NAME_AT : _ENTRY_NAME_AT + nlen])
+    _zero(raw, _ENTRY_TREES_AT + 4 * TreeRoot.SIZE, _ENTRY_NAME_AT, where)
+    _zero(raw, _ENTRY_NAME_AT + nlen, SNAP_ENTRY_SIZE, where)
+    for i in range(4):
+        at = _ENTRY_TREES_AT + i * TreeRoot.SIZE
+        _zero(raw, at + 17, at + 24, where)  # the TreeRoot's 7 bytes after its height
+    entry = SnapEntry.decode(raw)
+    assert entry is not None
+    if not any(entry.guid):
+        raise StreamError(f"{where} has a zero GUID")
+    if entry.replica_for != NO_VOLUME and not entry.flags & SNAP_REPLICA:
+        raise StreamError(f"{where} names a replication target but is no replication "
+                          "snapshot")
+    shadow = role == ROLE_BASE and header.shadow_base
+    if entry.shadow != shadow:
+        raise StreamError(f"{where}: only the base of a stream from a shadow base is a "
+                          "shadow snapshot")
+    if entry.shadow and any(t != TreeRoot() for t in entry.trees):
+        raise StreamError(f"{where}: a shadow snapshot with tree roots")
+    if not entry.shadow:
+        plane_blocks = -(-header.nblocks // (PLANE_BLOCK_BYTES * 8))
+        for name, root in zip(_TREE_NAMES, entry.trees, strict=True):
+            _check_tree(root, f"{where}, {name}", header.nblocks)
+        if not entry.inode_file.ptr.vbn or not entry.inode_file.nblocks:
+            raise StreamError(f"{where} has no inode file")
+        if not entry.active_plane.ptr.vbn:
+            raise StreamError(f"{where} has no active plane")
+        # A snapshot received from a smaller volume keeps that volume's plane size.
+        for root in (entry.active_plane, entry.summary_plane):
+            if not 0 < root.nblocks <= plane_blocks:
+                raise StreamError(f"{where}: a plane of {root.nblocks} blocks, past the "
+                                  f"{plane_blocks} of the volume")
+        if entry.snap_table.nblocks > SNAP_TABLE_BLOCKS:
+            raise StreamError(f"{where}: a snapshot table of {entry.snap_table.nblocks} "
+                              "blocks")
+    return entry
+
+
 def decode_table(data: bytes | memoryview, header: StreamHeader) -> tuple[TableItem, ...]:
-    """The TABLE payload, checked against the header (roles, GUIDs, names)."""
+    """The TABLE payload, checked against the header (roles, GUIDs, names, trees)."""
     if len(data) < _COUNT.size:
         raise StreamError("TABLE record is too short")
     (count,) = _COUNT.unpack_from(data)
     if count != header.entries or len(data) != table_payload(count):
         raise StreamError(f"TABLE record holds {count} entries in {len(data)} bytes; the "
                           f"header announced {header.entries}")
+    _zero(data, 4, _COUNT.size, "TABLE record")
     items: list[TableItem] = []
     guids: set[bytes] = set()
     names: set[str] = set()
@@ -302,13 +405,12 @@ def decode_table(data: bytes | memoryview, header: StreamHeader) -> tuple[TableI
         at = _COUNT.size + i * TABLE_ITEM
         role, item_flags = _ROLE.unpack_from(data, at)
         raw = bytes(data[at + _ROLE.size : at + TABLE_ITEM])
-        flags, nlen = struct.unpack_from("<IH", raw)
-        if role not in ROLE_NAMES or not flags & SNAP_IN_USE or not 0 < nlen <= MAX_NAME or (
+        if role not in ROLE_NAMES or (
                 item_flags & ~ITEM_REQUIRED or (item_flags and role != ROLE_HELD)):
-            raise StreamError(f"TABLE entry {i} is malformed (role {role}, flags {flags})")
-        check_entry_name(raw[256 : 256 + nlen])
-        entry = SnapEntry.decode(raw)
-        assert entry is not None
+            raise StreamError(f"TABLE entry {i} is malformed (role {role}, item flags "
+                              f"{item_flags})")
+        _zero(data, at + 2, at + _ROLE.size, f"TABLE entry {i}")
+        entry = _check_entry(raw, role, header, f"TABLE entry {i}")
         if entry.guid in guids or entry.name in names:
             raise StreamError(f"TABLE lists snapshot {entry.name!r} twice")
         guids.add(entry.guid)
@@ -322,6 +424,11 @@ def decode_table(data: bytes | memoryview, header: StreamHeader) -> tuple[TableI
         raise StreamError("TABLE does not name the header's base exactly once")
     if not header.incremental and (bases or any(t.role == ROLE_HELD for t in items)):
         raise StreamError("TABLE of a full stream names a base")
+    top_cp = tops[0].entry.cp_count
+    older = [t.entry.name for t in items if t.role != ROLE_TOP and t.entry.cp_count >= top_cp]
+    if older:
+        raise StreamError(f"TABLE: snapshot {older[0]!r} is not older than the snapshot the "
+                          "stream brings")
     return tuple(items)
 
 
@@ -353,7 +460,11 @@ class Decoder:
 
     _HEADER, _TABLE, _PLANE, _BLOCKS, _DONE = range(5)
 
-    def __init__(self) -> None:
+    def __init__(self, max_blocks: int = MAX_VOLUME_BLOCKS) -> None:
+        """`max_blocks` is the largest volume the caller takes (a receive: the
+        destination's size): a HEADER past it raises StreamTooLarge before the selection
+        plane, which costs a bit per block, is made."""
+        self.max_blocks = min(max_blocks, MAX_VOLUME_BLOCKS)
         self._buf = bytearray()
         self._pos = 0
         self.seq = 0
@@ -472,6 +583,9 @@ class Decoder:
         rtype, flags, reserved, length = FRAME.unpack_from(record)
         if reserved:
             raise StreamError(f"record {self.seq}: reserved frame bytes are not zero")
+        if flags & ~FLAG_REQUIRED:
+            raise StreamError(f"record {self.seq} has unknown flags {flags:#x}: a newer "
+                              "snapvol wrote this stream")
         self.offset += len(record)
         self.seq += 1
         if rtype not in REC_NAMES:
@@ -491,9 +605,12 @@ class Decoder:
             raise StreamError(f"record {self.seq - 1} is {name} where {want} was expected "
                               "(records out of order)")
         if rtype == REC_HEADER:
-            self.header = StreamHeader.decode(payload)
-            self.plane = Plane.zeros(self.header.nblocks)
-            self._next_vbn = self.header.resume_from
+            new = StreamHeader.decode(payload)
+            if new.nblocks > self.max_blocks:
+                raise StreamTooLarge(new.nblocks, self.max_blocks)
+            self.header = new
+            self.plane = Plane.zeros(new.nblocks)
+            self._next_vbn = new.resume_from
             self._state = self._TABLE
             return HeaderRecord(self.header)
         header, plane = self.header, self.plane
@@ -513,6 +630,7 @@ class Decoder:
             return self._blocks_record(payload, header, plane)
         if len(payload) != _END.size:
             raise StreamError("END record has the wrong size")
+        _zero(payload, 16, _END.size, "END record")
         blocks, records = _END.unpack(payload)
         expect = count_from(plane, header.resume_from)
         if blocks != self.blocks or blocks != expect or records != self.seq - 1:
@@ -529,6 +647,8 @@ class Decoder:
             raise StreamError(f"PLANE record of {count} plane blocks has the wrong size")
         idx = np.frombuffer(payload, dtype="<u4", count=count, offset=_COUNT.size)
         at = len(payload) - count * PLANE_BLOCK_BYTES
+        _zero(payload, 4, _COUNT.size, "PLANE record")
+        _zero(payload, _COUNT.size + 4 * count, at, "PLANE record")
         if int(idx[0]) <= self._last_index or (count > 1 and bool((np.diff(idx) <= 0).any())) \
                 or int(idx[-1]) >= plane.plane_blocks:
             raise StreamError("PLANE record: plane blocks out of order or outside the volume")
@@ -550,6 +670,7 @@ class Decoder:
         if len(payload) < _BLOCKS.size:
             raise StreamError("BLOCKS record is too short")
         vbn, count = _BLOCKS.unpack_from(payload)
+        _zero(payload, 12, _BLOCKS.size, "BLOCKS record")
         if not 0 < count <= MAX_RUN or len(payload) != blocks_record_payload(count):
             raise StreamError(f"BLOCKS record of {count} blocks has the wrong size")
         if vbn < self._next_vbn or vbn + count > header.nblocks:
