@@ -12,15 +12,17 @@ import struct
 from dataclasses import dataclass
 
 from snapvol.layout.constants import MAX_NAME, SNAP_ENTRY_SIZE
-from snapvol.layout.records import TreeRoot
+from snapvol.layout.records import RecordError, TreeRoot, check_zero
 
 SNAP_IN_USE = 1
 SNAP_SHADOW = 2
 SNAP_REPLICA = 4  # made by `snapvol replicate`, which may retire it (never a user's)
+SNAP_FLAGS_KNOWN = SNAP_IN_USE | SNAP_SHADOW | SNAP_REPLICA
 
 _FMT = struct.Struct("<IHH16sQqQ")
 _TREES_AT = 64
 _NAME_AT = 256
+_EMPTY = bytes(SNAP_ENTRY_SIZE)
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,14 +51,33 @@ class SnapEntry:
         return body + bytes(SNAP_ENTRY_SIZE - len(body))
 
     @classmethod
-    def decode(cls, data: bytes | memoryview) -> SnapEntry | None:
-        flags, nlen, _pad, guid, cp, created, snap_id = _FMT.unpack_from(data)
+    def decode(cls, data: bytes | memoryview,
+               what: str = "snapshot table entry") -> SnapEntry | None:
+        """The entry, or None for a free slot (all zeros); RecordError naming `what` for
+        anything else this version does not know or that cannot be."""
+        if len(data) < SNAP_ENTRY_SIZE:
+            raise RecordError(f"{what}: {len(data)} bytes, an entry is {SNAP_ENTRY_SIZE}")
+        flags, nlen, pad, guid, cp, created, snap_id = _FMT.unpack_from(data)
         if not flags & SNAP_IN_USE:
+            if data[:SNAP_ENTRY_SIZE] != _EMPTY:
+                raise RecordError(f"{what}: a free slot that is not all zeros")
             return None
+        if flags & ~SNAP_FLAGS_KNOWN:
+            raise RecordError(f"{what}: unknown flags {flags & ~SNAP_FLAGS_KNOWN:#x}")
+        if pad or not 0 < nlen <= MAX_NAME or cp < 1 or snap_id < 1:
+            raise RecordError(f"{what}: impossible fields (name length {nlen}, CP {cp}, "
+                              f"id {snap_id})")
+        check_zero(data, _FMT.size, _TREES_AT, what)
         ino, act, summ, snap = (
-            TreeRoot.decode(data[_TREES_AT + i * TreeRoot.SIZE :]) for i in range(4)
+            TreeRoot.decode(data[_TREES_AT + i * TreeRoot.SIZE :], f"{what}: tree {i}")
+            for i in range(4)
         )
-        name = bytes(data[_NAME_AT : _NAME_AT + nlen]).decode()
+        check_zero(data, _TREES_AT + 4 * TreeRoot.SIZE, _NAME_AT, what)
+        check_zero(data, _NAME_AT + nlen, SNAP_ENTRY_SIZE, what)
+        try:
+            name = bytes(data[_NAME_AT : _NAME_AT + nlen]).decode()
+        except UnicodeDecodeError:
+            raise RecordError(f"{what}: the name is not UTF-8") from None
         return cls(snap_id, name, guid, cp, created, ino, act, summ, snap, flags)
 
     @property
