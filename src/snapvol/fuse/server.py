@@ -3,8 +3,9 @@
 Threads: the trio thread runs every FUSE handler and every control request, one at a time,
 calling the engine synchronously; the engine's CP timer thread (`Volume.start_cp_timer`)
 is the only other thread, and `Volume.mutex` orders it against the trio thread. A request
-that takes long (a CP for fsync, an online fsck) holds up the other requests meanwhile:
-that is the price of an engine that is not built for concurrent callers. A read-only
+that waits long does it off the loop: an fsync waits for its CP on a worker thread, and
+an online fsck checks the committed root on one (paced, reading only blocks that the
+volume holds for it), so other requests go on meanwhile. A read-only
 mount also runs `follow` (a root check every FOLLOW_INTERVAL seconds, see fuse.follow);
 its kernel notifications go from a worker thread that does not touch the engine.
 
@@ -29,8 +30,7 @@ from typing import Any
 import pyfuse3
 import trio
 
-from snapvol.engine import snapshots
-from snapvol.engine.fsck import check
+from snapvol.engine import fsck, snapshots
 from snapvol.engine.volume import Volume
 from snapvol.errors import SnapvolError
 from snapvol.fuse import follow, readahead, registry
@@ -100,8 +100,6 @@ class _Mount:
             return {"name": str(args["new"])}
         if op == "snap_list":
             return [dataclasses.asdict(i) for i in snapshots.infos(vol)]
-        if op == "fsck":
-            return fsck_result(check(vol))
         if op == "unmount":
             self.stop("unmount requested")
             return {"pid": os.getpid()}
@@ -141,6 +139,31 @@ class _Mount:
             ops.settling, ops.settling_all = frozenset(), False
         return True
 
+    async def fsck(self, args: dict[str, Any]) -> dict[str, Any]:
+        """The online check (`fsck --online`): commit what is dirty, waiting for the disk
+        off the event loop as an fsync does, then check that committed root on a worker
+        thread while requests go on. The check reads only blocks of that root, which the
+        volume holds against reuse meanwhile, through its own block cache, and works
+        `share` of the time (engine/fsck.py, ONLINE_SHARE by default)."""
+        vol = self.vol
+        pacer = fsck.Pacer(float(args.get("share", fsck.ONLINE_SHARE)))
+        if vol.writable:
+            target = vol.sync_target()
+            while (writer := vol.sync_step(target)) is not None:
+                await trio.to_thread.run_sync(writer.join)
+        log.info("online check of CP %d started", vol.root.cp_count)
+        started = time.monotonic()
+        with fsck.committed(vol, pacer) as view:
+            try:
+                report = await trio.to_thread.run_sync(fsck.check_target, view,
+                                                       abandon_on_cancel=True)
+            finally:
+                pacer.stop()  # a cancelled (abandoned) check ends at its next read
+        log.info("online check of CP %d: %s in %.1f s", view.root.cp_count,
+                 "clean" if report.clean else f"{len(report.problems)} problem(s)",
+                 time.monotonic() - started)
+        return fsck_result(report)
+
     async def follow(self) -> None:
         """A read-only mount checks for a new root every FOLLOW_INTERVAL seconds."""
         while True:
@@ -164,6 +187,8 @@ class _Mount:
             if request.get("op") == "refresh":  # async: the kernel is told from a thread
                 result: Any = {"changed": await self.refresh(),
                                "cp_count": self.vol.root.cp_count}
+            elif request.get("op") == "fsck":  # async: the check runs on a worker thread
+                result = await self.fsck(dict(args))
             else:
                 result = self.dispatch(str(request.get("op")), dict(args))
             answer = {"ok": True, "result": result}
