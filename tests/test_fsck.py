@@ -9,7 +9,6 @@ import json
 import logging
 import os
 import subprocess
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -19,9 +18,11 @@ import pytest
 
 from conftest import assert_fsck_clean, new_memory_volume
 from fusemount import mounted_volume, needs_fuse
-from snapvol.engine import fsck, snapshots
-from snapvol.engine.fsck import CheckStopped, Pacer, check, check_target
-from snapvol.engine.volume import Volume, load_plane
+from snapvol.engine import snapshots
+from snapvol.engine.blockio import BlockIO
+from snapvol.engine.fsck import Pacer, Target, check, check_root, check_target
+from snapvol.engine.volume import Volume, load_plane, read_root_slots
+from snapvol.errors import VolumeError
 from snapvol.fs import FileSystem
 from snapvol.layout.constants import (
     BLOCK_SIZE,
@@ -319,7 +320,9 @@ def test_a_held_committed_root_survives_changes_that_reuse_blocks() -> None:
 
         vol.alloc.alloc = recording  # type: ignore[method-assign]
         if held:
-            with fsck.committed(vol) as view:
+            with vol.hold_committed() as root:
+                _, slots = read_root_slots(vol.dev, vol.sb, vol.path)
+                view = Target(vol.path, BlockIO(vol.dev), vol.nblocks, root, slots)
                 churn(vol, 3)
                 assert check_target(view).clean
             assert not old.test_many(np.concatenate(handed)).any()
@@ -331,24 +334,34 @@ def test_a_held_committed_root_survives_changes_that_reuse_blocks() -> None:
         vol.close()
 
 
-def test_the_pacer_sleeps_and_stops() -> None:
+def test_check_root_checks_a_given_root_on_its_own_descriptor(volume: Path) -> None:
+    """The online checker's entry: the root record it is given, read without the lock a
+    mount holds; a record of another volume is refused."""
+    with Volume.open(volume) as vol:  # holds the exclusive lock, as a mount does
+        report = check_root(str(volume), vol.root.encode(), Pacer(1.0))
+        assert report.clean, report.problems
+        assert report.stats["snapshots"] == 1
+        other = RootRecord(vol.root.cp_count, 0, bytes(16), vol.nblocks,
+                           *vol.root.trees[:4])
+        with pytest.raises(VolumeError, match="not this volume's"):
+            check_root(str(volume), other.encode())
+
+
+def test_the_pacer_keeps_work_to_its_share() -> None:
     pacer = Pacer(0.5, quantum=0.0)
     for _ in range(3):
         pacer()
     assert pacer.slept > 0
-    stopper = threading.Timer(0.05, pacer.stop)
-    stopper.start()
-    with pytest.raises(CheckStopped):
-        while True:
-            pacer()
-    stopper.join()
+    full = Pacer(1.0, quantum=0.0)
+    full()
+    assert full.slept == 0
     with pytest.raises(ValueError):
         Pacer(0)
 
 
 @needs_fuse
 def test_a_mount_answers_while_its_online_check_runs(tmp_path: Path) -> None:
-    """`fsck --online` checks on a worker thread: a listing in the mount is answered
+    """`fsck --online` checks in a process of its own: a listing in the mount is answered
     while the check still runs (slowed to 2 % of the time here, so it surely does)."""
     with mounted_volume(tmp_path) as m:
         for d in range(4):

@@ -4,8 +4,8 @@ Threads: the trio thread runs every FUSE handler and every control request, one 
 calling the engine synchronously; the engine's CP timer thread (`Volume.start_cp_timer`)
 is the only other thread, and `Volume.mutex` orders it against the trio thread. A request
 that waits long does it off the loop: an fsync waits for its CP on a worker thread, and
-an online fsck checks the committed root on one (paced, reading only blocks that the
-volume holds for it), so other requests go on meanwhile. A read-only
+an online fsck checks the committed root in a process of its own (fuse/checker.py,
+reading only blocks that the volume holds for it), so other requests go on meanwhile. A read-only
 mount also runs `follow` (a root check every FOLLOW_INTERVAL seconds, see fuse.follow);
 its kernel notifications go from a worker thread that does not touch the engine.
 
@@ -20,9 +20,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 import os
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -38,7 +41,6 @@ from snapvol.fuse.control import (
     MAX_MESSAGE,
     decode,
     encode,
-    fsck_result,
     volume_facts,
 )
 from snapvol.fuse.operations import SnapvolOperations
@@ -141,28 +143,42 @@ class _Mount:
 
     async def fsck(self, args: dict[str, Any]) -> dict[str, Any]:
         """The online check (`fsck --online`): commit what is dirty, waiting for the disk
-        off the event loop as an fsync does, then check that committed root on a worker
-        thread while requests go on. The check reads only blocks of that root, which the
-        volume holds against reuse meanwhile, through its own block cache, and works
-        `share` of the time (engine/fsck.py, ONLINE_SHARE by default)."""
+        off the event loop as an fsync does, then check that committed root in a process
+        of its own (fuse/checker.py) while requests go on here. Meanwhile the volume holds
+        the root's blocks against reuse (`Volume.hold_committed`); the checker reads
+        them on its own descriptor, `share` of the time (engine/fsck.py, ONLINE_SHARE by
+        default). If the mount stops first, the checker is killed."""
         vol = self.vol
-        pacer = fsck.Pacer(float(args.get("share", fsck.ONLINE_SHARE)))
+        share = float(args.get("share", fsck.ONLINE_SHARE))
+        if not 0 < share <= 1:
+            raise SnapvolError(f"--share {share}: must be more than 0 and at most 1")
         if vol.writable:
             target = vol.sync_target()
             while (writer := vol.sync_step(target)) is not None:
                 await trio.to_thread.run_sync(writer.join)
-        log.info("online check of CP %d started", vol.root.cp_count)
         started = time.monotonic()
-        with fsck.committed(vol, pacer) as view:
+        argv = [sys.executable, "-m", "snapvol.fuse.checker", self.image, repr(share)]
+        running: list[subprocess.Popen[bytes]] = []
+        with vol.hold_committed() as root:
+            log.info("online check of CP %d started", root.cp_count)
             try:
-                report = await trio.to_thread.run_sync(fsck.check_target, view,
-                                                       abandon_on_cancel=True)
+                # Started and waited for on a worker thread: starting a process stops
+                # the thread that starts it for a moment, which must not be the loop's.
+                code, out, err = await trio.to_thread.run_sync(
+                    _run_checker, argv, root.encode(), running, abandon_on_cancel=True)
             finally:
-                pacer.stop()  # a cancelled (abandoned) check ends at its next read
-        log.info("online check of CP %d: %s in %.1f s", view.root.cp_count,
-                 "clean" if report.clean else f"{len(report.problems)} problem(s)",
+                for proc in running:  # cancelled (the mount stops): before the hold ends
+                    if proc.poll() is None:
+                        proc.kill()
+        if code != 0:
+            why = err.decode(errors="replace").strip().splitlines()
+            raise SnapvolError(f"the online check of {self.image} failed: "
+                               f"{why[-1] if why else f'exit {code}'}")
+        result: dict[str, Any] = json.loads(out)
+        log.info("online check of CP %d: %s in %.1f s", root.cp_count,
+                 "clean" if result["clean"] else f"{len(result['problems'])} problem(s)",
                  time.monotonic() - started)
-        return fsck_result(report)
+        return result
 
     async def follow(self) -> None:
         """A read-only mount checks for a new root every FOLLOW_INTERVAL seconds."""
@@ -247,6 +263,17 @@ class _Mount:
             nursery.start_soon(self.announce, ready)
             await pyfuse3.main()
             nursery.cancel_scope.cancel()
+
+
+def _run_checker(argv: list[str], root: bytes, running: list[subprocess.Popen[bytes]],
+                 ) -> tuple[int, bytes, bytes]:
+    """Run the online checker (fuse/checker.py) with `root` on stdin; (exit code, stdout,
+    stderr). The process is put in `running` so that a cancelled check can kill it."""
+    with subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE) as proc:
+        running.append(proc)
+        out, err = proc.communicate(root)
+    return proc.returncode, out, err
 
 
 def serve(image: str, mountpoint: str, *, read_only: bool = False,
