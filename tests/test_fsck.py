@@ -235,6 +235,9 @@ def test_a_damaged_newest_root_slot_is_said_and_healed(tmp_path: Path,
             assert words in warning, warning
         assert check(vol).problems == [warning]
         FileSystem(vol).write_file("/c", b"after")
+        vol.cp()  # written to the damaged slot: healed, and no longer said
+        assert vol.root_warning is None
+        assert check(vol).clean
     assert any(warning in r.getMessage() for r in caplog.records)
     with Volume.open(image) as vol:  # the next CP rewrote the slot
         assert vol.root_warning is None

@@ -324,8 +324,9 @@ class Volume:
 
     @property
     def root_warning(self) -> str | None:
-        """What is wrong with the root slots as they were when the volume was opened (a
-        slot that fails its check, say with the CP opened instead), or None."""
+        """What is wrong with the root slots (a slot that failed its check when the
+        volume was opened, and that no CP has rewritten since, with the CP opened
+        instead), or None."""
         return "; ".join(slot_problems(self.root, self.slots)) or None
 
     @property
@@ -568,6 +569,10 @@ class Volume:
         assert self._placed_root is not None
         self.root = self._placed_root
         self._placed_root = None
+        # The slot just written holds this CP now (a damaged one is healed by it).
+        written = slot_of(self.root.cp_count)
+        self.slots = tuple(SlotState(st.vbn, self.root.cp_count) if st.vbn == written else st
+                           for st in self.slots)
         assert self.alloc is not None
         self.alloc.commit()
 
