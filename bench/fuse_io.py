@@ -67,11 +67,14 @@ def _wait_unmounted(path: Path, timeout: float = 60) -> None:
 
 
 @contextmanager
-def snapvol_mount(tmp: Path, size: int) -> Iterator[Path]:
-    """A new volume of `size` bytes mounted by `snapvol mount`; unmounted afterwards."""
+def snapvol_mount(tmp: Path, size: int, run_dir: str | None = None) -> Iterator[Path]:
+    """A new volume of `size` bytes (or the image tmp/snapvol.img if it exists) mounted
+    by `snapvol mount`; unmounted afterwards. The mount registers in `run_dir` (its
+    SNAPVOL_RUN_DIR), a temporary one by default."""
     image, mnt = tmp / "snapvol.img", tmp / "snapvol-mnt"
     mnt.mkdir(exist_ok=True)
-    run_dir = tempfile.mkdtemp(prefix="svbench", dir="/tmp")
+    own = run_dir is None
+    run_dir = tempfile.mkdtemp(prefix="svbench", dir="/tmp") if run_dir is None else run_dir
     env = dict(os.environ, SNAPVOL_RUN_DIR=run_dir)
     cli = [sys.executable, "-m", "snapvol.cli.main"]
     if not image.exists():
@@ -84,7 +87,8 @@ def snapvol_mount(tmp: Path, size: int) -> Iterator[Path]:
     finally:
         subprocess.run([*cli, "unmount", str(mnt)], env=env, check=False, capture_output=True)
         _wait_unmounted(mnt)
-        shutil.rmtree(run_dir, ignore_errors=True)
+        if own:
+            shutil.rmtree(run_dir, ignore_errors=True)
 
 
 @contextmanager

@@ -36,6 +36,7 @@ from bench import (  # noqa: E402
     big_dir,
     fuse_io,
     image_transfer,
+    online_fsck,
     plane_algebra,
     replicate_tree,
     seq_io,
@@ -54,7 +55,8 @@ from bench.common import (  # noqa: E402
 from snapvol.runtime import tune_gc  # noqa: E402
 
 BENCHMARKS: list[ModuleType] = [seq_io, snap_create, plane_algebra, small_files, big_dir,
-                                image_transfer, replicate_tree, fuse_io, snap_memory]
+                                image_transfer, replicate_tree, fuse_io, snap_memory,
+                                online_fsck]
 DEFAULT_JSON = ROOT / "bench" / "results" / "latest.json"
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 BENCHES = {"1 sequential I/O", "2 snapshot create", "3 plane difference", "4 small files",
            "5 big directory", "6 image transfer", "7 replicate tree",
-           "8 FUSE mount", "9 snapshot memory"}
+           "8 FUSE mount", "9 snapshot memory", "10 online fsck"}
 
 
 def test_every_benchmark_runs_at_tiny_scale(tmp_path: Path) -> None:

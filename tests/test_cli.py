@@ -160,7 +160,10 @@ def test_create_and_info(tmp_path: Path) -> None:
     facts = json_of("info", path)
     assert isinstance(facts, dict)
     assert facts["size"] == 256 * MIB and facts["format_version"] == 1
-    assert facts["cp_count"] == 1 and facts["snapshots"] == 0
+    # format writes CP 1 and CP 2 (the same state), so both root slots hold a record
+    assert facts["cp_count"] == 2 and facts["snapshots"] == 0
+    assert [s["state"] for s in facts["root_slots"]] == ["valid", "valid"]
+    assert facts["root_warning"] is None
     assert facts["used"] + facts["free"] + facts["snapshot_only"] <= 256 * MIB
     assert len(str(facts["uuid"])) == 36 and str(facts["uuid"]) in out
     table = run("info", path).stdout.decode()

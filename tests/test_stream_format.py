@@ -70,7 +70,7 @@ def make_stream(vbns: list[int], incremental: bool = False,
     items = [TableItem(ROLE_TOP, entry(names[0], G1, 9, 2)),
              TableItem(ROLE_CARRIED, entry(names[1], G2, 5, 1))]
     if incremental:
-        items.append(TableItem(ROLE_BASE, entry("base", G3, 3, 0)))
+        items.append(TableItem(ROLE_BASE, entry("base", G3, 3, 3)))
     header = StreamHeader(os.urandom(16), NBLOCKS, G1, base, plane.count(),
                           flags=HDR_INCREMENTAL if incremental else 0, entries=len(items))
     enc = Encoder()

@@ -23,7 +23,14 @@ class LockedError(SnapvolError):
 
 
 class CorruptionError(SnapvolError):
-    """A block failed its checksum or a record failed validation. Names the block."""
+    """A block failed its checksum or a record failed validation. Names the block.
+
+    `detail` is the finding alone; the message adds `advice` (what to do about it), which
+    the checker leaves out of its report: it is the tool the advice points to."""
+
+    def __init__(self, detail: str, advice: str = "") -> None:
+        super().__init__(f"{detail}; {advice}" if advice else detail)
+        self.detail = detail
 
 
 class FsError(SnapvolError, OSError):

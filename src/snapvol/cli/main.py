@@ -9,11 +9,13 @@ errors that are bugs rather than user mistakes.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from typing import Any
 
 import click
+from rich.markup import escape
 from rich.table import Table
 
 from snapvol.cli.dump import dump_cmd, restore_cmd
@@ -27,7 +29,7 @@ from snapvol.cli.sizes import human_size, size_option
 from snapvol.cli.snap import snap
 from snapvol.cli.transfer import receive_cmd, receive_facts, send
 from snapvol.cli.verify import verify
-from snapvol.engine.fsck import check
+from snapvol.engine.fsck import ONLINE_SHARE, check
 from snapvol.engine.volume import Volume
 from snapvol.errors import SnapvolError
 from snapvol.fuse.control import fsck_result, volume_facts
@@ -89,6 +91,8 @@ def info(image: str, as_json: bool) -> None:
         ("last CP", show_time(facts["last_cp_ns"])),
         ("snapshots", str(facts["snapshots"])),
     ]
+    if facts.get("root_warning"):
+        rows.append(("root record", f"[bold red]{escape(facts['root_warning'])}[/]"))
     if facts.get("resume_token"):
         rows.append(("partial receive", f"{facts['receiving']}, resume token "
                                         f"{facts['resume_token']}"))
@@ -101,17 +105,26 @@ def info(image: str, as_json: bool) -> None:
 @click.argument("image")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--online", is_flag=True,
-              help="If IMAGE is mounted, have its mount process check it (after a CP).")
-def fsck(image: str, as_json: bool, online: bool) -> None:
-    """Check a volume (read-only): exit 0 when clean, 1 with the problems otherwise."""
+              help="If IMAGE is mounted, have its mount process check it (after a CP), "
+                   "while the mount goes on serving requests.")
+@click.option("--share", type=click.FloatRange(0, 1, min_open=True), default=ONLINE_SHARE,
+              show_default=True,
+              help="With --online: the share of the time the check may work; it sleeps "
+                   "the rest, so the mount's requests find the disk free.")
+def fsck(image: str, as_json: bool, online: bool, share: float) -> None:
+    """Check a volume (read-only): exit 0 when clean, 1 with the problems otherwise.
+
+    Every problem found is listed, however damaged the volume; a damaged root slot is
+    one (saying which consistency point was opened instead)."""
     live = mounted(image)
     if live is not None and not online:
         raise SnapvolError(f"{image} is mounted on {live.mountpoint}: check it there with "
                            f"`snapvol fsck --online {image}`, or unmount it first")
     if live is not None:
-        result: dict[str, Any] = remote(live, "fsck")
+        result: dict[str, Any] = remote(live, "fsck", share=share)
     else:
-        with open_volume(image, writable=False) as vol, check_progress() as progress:
+        with open_volume(image, writable=False, for_check=True) as vol, \
+                check_progress() as progress:
             result = fsck_result(check(vol, progress))
     clean, problems, stats = result["clean"], result["problems"], result["stats"]
     if as_json:
@@ -143,10 +156,24 @@ def _fail(message: str) -> None:
     click.echo(f"snapvol: error: {' '.join(message.splitlines())}", err=True)
 
 
+class _Warnings(logging.Handler):
+    """Where warnings of the engine (a damaged root slot on open) go in a command that
+    set up no logging of its own: one line each on stderr, `snapvol: warning: ...`.
+    Installed as logging's last resort, so a mount's own log configuration wins."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = " ".join(record.getMessage().splitlines())
+        click.echo(f"snapvol: warning: {message}", err=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run the command line; exit 0, 1 (fsck found problems) or 2 (an error)."""
     tune_gc()
     tune_malloc()
+    logging.lastResort = _Warnings()
     try:
         code = cli.main(args=argv, prog_name="snapvol", standalone_mode=False)
     except click.exceptions.Abort:

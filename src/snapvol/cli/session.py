@@ -21,9 +21,10 @@ from snapvol.fuse import registry
 
 
 @contextlib.contextmanager
-def open_volume(image: str, *, writable: bool) -> Iterator[Volume]:
+def open_volume(image: str, *, writable: bool, for_check: bool = False) -> Iterator[Volume]:
+    """`for_check`: fsck's read-only open, which a damaged plane or table does not stop."""
     try:
-        vol = Volume.open(image, writable=writable)
+        vol = Volume.open(image, writable=writable, for_check=for_check)
     except LockedError:
         live = registry.find_image(image)
         if live is None:

@@ -41,6 +41,10 @@ class Allocator:
         # clear it from their planes (a shadow never pins a block; reuse clears its bit).
         self.watch_reuse = False
         self._reused: list[np.ndarray] = []
+        # While a check reads a committed root beside changes (`hold`), frees stay
+        # deferred past their commits, so no block that root reaches is handed out.
+        self._holds = 0
+        self._held: list[np.ndarray] = []
 
     @property
     def free(self) -> int:
@@ -142,15 +146,37 @@ class Allocator:
 
     def commit(self) -> None:
         """The sealed CP is on disk: blocks freed before it sealed are free unless a
-        snapshot holds them."""
+        snapshot holds them (or a hold keeps them for a check of an older root)."""
         if self._sealed:
-            vbns = np.unique(np.concatenate(self._sealed))
-            self.deferred.clear_many(vbns)
-            still = (self.active.test_many(vbns) | self.summary.test_many(vbns)
-                     | self.pinned.test_many(vbns))
-            self.busy -= int(np.count_nonzero(~still))
-            self._sealed.clear()
+            if self._holds:
+                self._held.extend(self._sealed)
+            else:
+                self._release(self._sealed)
+            self._sealed = []
         self.deferred.mark_clean()
+
+    def _release(self, freed: list[np.ndarray]) -> None:
+        vbns = np.unique(np.concatenate(freed))
+        self.deferred.clear_many(vbns)
+        still = (self.active.test_many(vbns) | self.summary.test_many(vbns)
+                 | self.pinned.test_many(vbns))
+        self.busy -= int(np.count_nonzero(~still))
+        self.deferred.mark_clean()
+
+    def hold(self) -> None:
+        """Keep every block freed from now on (and every block freed earlier whose CP has
+        not committed yet) unavailable until `unhold`: the committed root of this moment
+        stays whole on disk while something reads it off the volume's mutex."""
+        self._holds += 1
+
+    def unhold(self) -> None:
+        """End a `hold`; the last one makes the blocks it kept free (outside a CP)."""
+        if self._holds <= 0:
+            raise ValueError("unhold without a hold")
+        self._holds -= 1
+        if not self._holds and self._held:
+            self._release(self._held)
+            self._held = []
 
     def recount(self) -> None:
         """Recompute the busy count after the summary plane shrank (snapshot deletion)."""

@@ -23,9 +23,12 @@ STREAM_RUN = 16  # runs longer than this are not cached
 _xxh3 = xxh3_64
 
 
+DAMAGE_ADVICE = "the volume is damaged there: run 'snapvol fsck'"
+
+
 def _mismatch(vbn: int, csum: int) -> CorruptionError:
-    return CorruptionError(f"block {vbn}: checksum mismatch (expected {csum:016x}); the "
-                           "volume is damaged there: run 'snapvol fsck'")
+    return CorruptionError(f"block {vbn}: checksum mismatch (expected {csum:016x})",
+                           DAMAGE_ADVICE)
 
 
 def _verify(data: bytes | memoryview, vbn: int, csum: int) -> None:
@@ -112,6 +115,33 @@ class BlockIO:
         if bad >= 0:
             raise _mismatch(vbn + bad, int(csums[bad]))
         return raw
+
+    def verify(self, vbn: int, csum: int) -> bool:
+        """Whether block `vbn` on the device matches `csum` (read past the cache, as a
+        check reads everything once; a block outside the device does not match)."""
+        if not 0 < vbn < self.dev.nblocks:
+            return False
+        self.reads += 1
+        return bool(_xxh3(self.dev.read_block(vbn), vbn) == csum)
+
+    def bad_in_run(self, vbn: int, csums: np.ndarray) -> list[int]:
+        """Verify len(csums) contiguous blocks from `vbn` (one device read, bypassing the
+        cache, as a check reads everything once) and return the indexes of those whose
+        checksum is not their pointer's: all of them, not only the first."""
+        n = len(csums)
+        if not vbn > 0 or vbn + n > self.dev.nblocks:
+            raise CorruptionError(f"block run {vbn}+{n} is outside the volume")
+        raw = memoryview(self.dev.read(vbn, n))
+        self.reads += n
+        bad: list[int] = []
+        at = 0
+        while at < n:
+            i = first_bad_block(raw[at * BLOCK_SIZE :], vbn + at, csums[at:])
+            if i < 0:
+                break
+            bad.append(at + i)
+            at += i + 1
+        return bad
 
     def _pending_in(self, vbn: int, n: int) -> bool:
         """Whether any of blocks vbn..vbn+n-1 is still being written by a CP."""

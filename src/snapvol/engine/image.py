@@ -8,7 +8,6 @@ replication see of a snapshot is what they see of the active file system.
 from __future__ import annotations
 
 import stat
-import struct
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -30,13 +29,14 @@ from snapvol.layout.constants import (
 from snapvol.layout.inode import Inode
 from snapvol.layout.pointer import PTR_DTYPE, Pointer
 from snapvol.layout.records import TreeRoot
+from snapvol.layout.xattrs import XATTR_NAME_MAX as XATTR_NAME_MAX
+from snapvol.layout.xattrs import XATTR_SIZE_MAX as XATTR_SIZE_MAX
+from snapvol.layout.xattrs import decode_xattrs, encode_xattrs
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
 
 ENOENT, ENOSPC, EROFS, E2BIG, ENODATA, EFBIG = 2, 28, 30, 7, 61, 27
-XATTR_NAME_MAX = 255
-XATTR_SIZE_MAX = 65536
 INODE_FLAG_XATTR = 1  # the inode holds another inode's xattrs, not user data
 INODE_FLAG_SYSTEM = 2  # a fixed metadata inode (the inode map)
 NODE_CACHE_SIZE = 65536  # loaded inodes kept after a CP
@@ -430,7 +430,8 @@ class Image:
         if not xino:
             return {}
         xnode = self.node(xino)
-        return decode_xattrs(self.read(xnode, 0, xnode.inode.size))
+        return decode_xattrs(self.read(xnode, 0, xnode.inode.size),
+                             f"xattrs of inode {node.inode.ino} (in inode {xino})")
 
     def set_xattrs(self, node: Node, attrs: dict[bytes, bytes], now_ns: int) -> None:
         self._require_writable()
@@ -545,27 +546,3 @@ class Image:
         trees = len(self.dirty_trees)
         records = len(self.dirty_records)
         return data + data // 128 + 6 * trees + records // 8 + 16
-
-
-def encode_xattrs(attrs: dict[bytes, bytes]) -> bytes:
-    out = [struct.pack("<I", len(attrs))]
-    for name, value in sorted(attrs.items()):
-        out.append(struct.pack("<HI", len(name), len(value)))
-        out.append(name)
-        out.append(value)
-    return b"".join(out)
-
-
-def decode_xattrs(blob: bytes) -> dict[bytes, bytes]:
-    if len(blob) < 4:
-        return {}
-    (count,) = struct.unpack_from("<I", blob)
-    pos, out = 4, {}
-    for _ in range(count):
-        nlen, vlen = struct.unpack_from("<HI", blob, pos)
-        pos += 6
-        name = blob[pos : pos + nlen]
-        pos += nlen
-        out[name] = blob[pos : pos + vlen]
-        pos += vlen
-    return out

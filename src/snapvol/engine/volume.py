@@ -9,12 +9,15 @@ All those blocks are written and flushed before the root record goes to the olde
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 import stat
 import threading
 import time
+import typing
 import uuid as uuidlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from types import TracebackType
 
@@ -27,12 +30,13 @@ from snapvol.engine.blockio import BlockIO, WriteBatch
 from snapvol.engine.cpwriter import CPWriter
 from snapvol.engine.image import INODE_FLAG_SYSTEM, Image
 from snapvol.engine.tree import ZERO_BLOCK, BlockTree
-from snapvol.errors import FsError, VolumeError
+from snapvol.errors import FsError, SnapvolError, VolumeError
 from snapvol.layout.constants import (
     BLOCK_SIZE,
     FIRST_DATA_VBN,
     INOMAP_INO,
     MAX_VOLUME_BLOCKS,
+    MIN_VOLUME_BLOCKS,
     ROOT_INO,
     ROOT_SLOT_VBNS,
     SUPERBLOCK_VBN,
@@ -44,10 +48,15 @@ from snapvol.layout.records import (
     RootRecord,
     Superblock,
     TreeRoot,
+    probe_cp_count,
+    slot_of,
 )
 from snapvol.planes import Plane
 
-MIN_BLOCKS = 256
+log = logging.getLogger("snapvol.engine")
+_T = typing.TypeVar("_T")
+
+MIN_BLOCKS = MIN_VOLUME_BLOCKS
 DEFAULT_CP_INTERVAL = 10.0
 MIN_CP_INTERVAL = 0.1
 MAX_CP_INTERVAL = 86400.0
@@ -91,6 +100,89 @@ def load_plane(io: BlockIO, root: TreeRoot, nblocks: int) -> Plane:
 
 
 @dataclass(frozen=True, slots=True)
+class SlotState:
+    """What one root slot held when the volume was opened."""
+
+    vbn: int
+    cp_count: int | None
+    """The CP of a valid record; for a damaged one the count its bytes claim (unverified,
+    None when not even the magic is there)."""
+    problem: str | None = None
+    """Why the slot is not a valid root of this volume; None when it is (or blank)."""
+    blank: bool = False
+    """All zeros: never written (a volume made before format wrote both slots), or wiped."""
+
+    @property
+    def valid(self) -> bool:
+        return self.problem is None and not self.blank
+
+
+def read_root_slots(dev: Device, sb: Superblock, path: str,
+                    ) -> tuple[RootRecord, tuple[SlotState, ...]]:
+    """Read both root slots and choose the valid record with the higher CP count
+    (DESIGN.md invariant 2); VolumeError when neither is valid."""
+    best: RootRecord | None = None
+    states = []
+    for vbn in ROOT_SLOT_VBNS:
+        data = dev.read(vbn)
+        if not any(data):
+            states.append(SlotState(vbn, None, blank=True))
+            continue
+        try:
+            rec = RootRecord.decode(data, slot=vbn)
+            if rec.uuid != sb.uuid:
+                raise RecordError("root record of another volume (its UUID is not the "
+                                  "superblock's)")
+            if rec.nblocks != sb.nblocks:
+                raise RecordError(f"root record of a volume of {rec.nblocks} blocks, the "
+                                  f"superblock says {sb.nblocks}")
+        except RecordError as e:
+            states.append(SlotState(vbn, probe_cp_count(data), str(e)))
+            continue
+        states.append(SlotState(vbn, rec.cp_count))
+        if best is None or rec.cp_count > best.cp_count:
+            best = rec
+    if best is None:
+        said = "; ".join(f"slot {st.vbn}: {'all zeros' if st.blank else st.problem}"
+                         for st in states)
+        raise VolumeError(f"{path}: no valid root record ({said}); the image is damaged")
+    return best, tuple(states)
+
+
+def slot_problems(root: RootRecord, slots: tuple[SlotState, ...]) -> list[str]:
+    """One line per root slot that is not as a healthy volume leaves it, saying which CP
+    was opened instead and what may be lost. A slot that fails its check because a crash
+    tore its write reads exactly like a damaged one, so the words cover both."""
+    out = []
+    c = root.cp_count
+    for st in slots:
+        if st.valid or (st.blank and c == 1):
+            continue
+        where = f"root slot {st.vbn}"
+        if st.blank:
+            out.append(f"{where} is all zeros: it held the older CP {c - 1} or a newer CP; "
+                       f"CP {c} was opened instead (if the slot held a newer CP, its changes "
+                       "are lost); the next CP rewrites the slot")
+        elif st.cp_count is not None and st.cp_count > c:
+            out.append(f"{where} holds CP {st.cp_count} but fails its check ({st.problem}); "
+                       f"CP {c} was opened instead: a crash while CP {st.cp_count} was being "
+                       "committed leaves this, and then nothing acknowledged is lost; "
+                       f"otherwise the slot is damaged and the changes of CP {st.cp_count} "
+                       "are lost; the next CP rewrites the slot")
+        elif st.cp_count is not None and 0 < st.cp_count < c:
+            out.append(f"{where} (the older CP {st.cp_count}) fails its check "
+                       f"({st.problem}); the newest CP {c} was opened, nothing is lost, and "
+                       "the next CP rewrites the slot")
+        else:
+            out.append(f"{where} fails its check ({st.problem}) and names no CP that can be "
+                       f"trusted: it held the older CP {c - 1} or a newer CP; CP {c} was "
+                       "opened instead (if the slot held a newer CP, a crash while writing "
+                       "it or damage to the slot lost its changes); the next CP rewrites "
+                       "the slot")
+    return out
+
+
+@dataclass(frozen=True, slots=True)
 class CPStats:
     cp_count: int
     blocks_written: int
@@ -119,7 +211,8 @@ class Volume:
     """An open volume. Use `Volume.create` / `Volume.open`, or as a context manager."""
 
     def __init__(self, dev: Device, path: str, lock: VolumeLock | None,
-                 writable: bool, fresh: Superblock | None = None) -> None:
+                 writable: bool, fresh: Superblock | None = None,
+                 for_check: bool = False) -> None:
         self.dev = dev
         self.path = path
         self._lock = lock
@@ -135,9 +228,14 @@ class Volume:
         self._stop = threading.Event()
         self.closed = False
         self.last_cp_time = time.monotonic()
+        if for_check and writable:
+            raise ValueError("a volume opened for checking is read-only")
+        self.load_problems: list[str] = []
+        """What could not be loaded when opened `for_check` (fsck reports it itself)."""
         if fresh is not None:
             self.sb, self.nblocks = fresh, fresh.nblocks
             self.root = RootRecord(0, fresh.created_ns, fresh.uuid, fresh.nblocks)
+            self.slots: tuple[SlotState, ...] = ()
             self._load(fresh=True)
             return
         if dev.nblocks < FIRST_DATA_VBN:  # not even a superblock and two root slots
@@ -152,8 +250,14 @@ class Volume:
                 f"image holds {dev.nblocks}"
             )
         self.nblocks = self.sb.nblocks
-        self.root = self._read_root()
-        self._load()
+        self.root, self.slots = read_root_slots(dev, self.sb, path)
+        refusal = self.root.features.refusal(writable)
+        if refusal is not None:
+            raise VolumeError(f"{path} cannot be opened{' for writing' if writable else ''}: "
+                              f"{refusal}")
+        for problem in slot_problems(self.root, self.slots):
+            log.warning("%s: %s", path, problem)
+        self._load(tolerant=for_check)
 
     # ---- opening ------------------------------------------------------------------------
     @classmethod
@@ -192,6 +296,9 @@ class Volume:
         vol.empty_file_system(now)
         vol.snaps_dirty = True
         vol.cp(force=True)
+        # CP 2, the same state, fills the other slot: from now on a slot that does not
+        # hold a valid record is damage (or a torn write), never "not written yet".
+        vol.cp(force=True)
 
     def empty_file_system(self, now: int) -> None:
         """Make the active image a new, empty file system (the inode map and an empty
@@ -206,9 +313,12 @@ class Volume:
 
     @classmethod
     def open(cls, path: str | os.PathLike[str], writable: bool = True,
-             exclusive: bool | None = None) -> Volume:
+             exclusive: bool | None = None, for_check: bool = False) -> Volume:
         """Open an image; a writer takes the exclusive lock unless `exclusive` is False
-        (a receive, which writes only blocks no reader can reach, lets readers stay)."""
+        (a receive, which writes only blocks no reader can reach, lets readers stay).
+        `for_check` (read-only, for fsck) opens a volume whose planes, snapshot table or
+        receive state cannot be loaded, with empty ones in their place and the reasons in
+        `load_problems`, so the checker can report the damage and everything else."""
         path = os.fspath(path)
         dev = ImageDevice(path, writable=writable)
         try:
@@ -218,7 +328,7 @@ class Volume:
             dev.close()
             raise
         try:
-            return cls(dev, path, lock, writable)
+            return cls(dev, path, lock, writable, for_check=for_check)
         except BaseException:
             lock.release()
             dev.close()
@@ -230,23 +340,15 @@ class Volume:
         return cls(dev, "<device>", None, writable)
 
     def _read_root(self) -> RootRecord:
-        best: RootRecord | None = None
-        problems = []
-        for vbn in ROOT_SLOT_VBNS:
-            try:
-                rec = RootRecord.decode(self.dev.read(vbn))
-            except RecordError as e:
-                problems.append(f"slot {vbn}: {e}")
-                continue
-            if rec.uuid != self.sb.uuid:
-                problems.append(f"slot {vbn}: belongs to another volume")
-                continue
-            if best is None or rec.cp_count > best.cp_count:
-                best = rec
-        if best is None:
-            raise VolumeError(f"{self.path}: no valid root record ({'; '.join(problems)}); "
-                              "the image is damaged")
-        return best
+        root, _ = read_root_slots(self.dev, self.sb, self.path)
+        return root
+
+    @property
+    def root_warning(self) -> str | None:
+        """What is wrong with the root slots (a slot that failed its check when the
+        volume was opened, and that no CP has rewritten since, with the CP opened
+        instead), or None."""
+        return "; ".join(slot_problems(self.root, self.slots)) or None
 
     @property
     def updating(self) -> bool:
@@ -277,13 +379,13 @@ class Volume:
             if self.writable:
                 raise VolumeError(f"{self.path} is open for writing: it is the only writer, "
                                   "there is nothing to refresh")
-            root = self._read_root()
+            root, slots = read_root_slots(self.dev, self.sb, self.path)
             if root.cp_count <= self.root.cp_count:
                 return False
             saved = dict(self.__dict__)
             old_active = self.active
             try:
-                self.root = root
+                self.root, self.slots = root, slots
                 self._load()
             except BaseException:
                 self.__dict__.clear()
@@ -293,7 +395,7 @@ class Volume:
                 self.active = old_active  # same tree (a receive's pin or checkpoint CP)
             return True
 
-    def _load(self, fresh: bool = False) -> None:
+    def _load(self, fresh: bool = False, tolerant: bool = False) -> None:
         from snapvol.engine.snapshots import SnapshotTable
 
         n = self.nblocks
@@ -304,22 +406,38 @@ class Volume:
                 active.mark_dirty(pb)
                 summary.mark_dirty(pb)
         else:
-            active = load_plane(self.io, self.root.active_plane, n)
-            summary = load_plane(self.io, self.root.summary_plane, n)
+            active = self._tolerate(tolerant, "active plane", lambda: load_plane(
+                self.io, self.root.active_plane, n), lambda: Plane.zeros(n))
+            summary = self._tolerate(tolerant, "summary plane", lambda: load_plane(
+                self.io, self.root.summary_plane, n), lambda: Plane.zeros(n))
         self.alloc = Allocator(n, active, summary) if self.writable else None
         self.active_plane, self.summary_plane = active, summary
         space = self.alloc
         self.active_tree = tree_of(self.io, self.root.active_plane, space)
         self.summary_tree = tree_of(self.io, self.root.summary_plane, space)
         self.snap_tree = tree_of(self.io, self.root.snap_table, space)
-        self.snapshots = SnapshotTable.load(self.snap_tree, self.root.snap_table.nblocks,
-                                            self.root.next_snap_id)
+        self.snapshots = self._tolerate(tolerant, "snapshot table", lambda: SnapshotTable.load(
+            self.snap_tree, self.root.snap_table.nblocks, self.root.next_snap_id),
+            lambda: SnapshotTable({}, self.root.next_snap_id))
         if self.alloc is not None:
             self.alloc.watch_reuse = bool(self.snapshots.shadow_slots())
         self.snaps_dirty = False
         self.active = Image(self.io, self.root.inode_file, space,
                             self._admit if space is not None else None)
-        self._load_receive(space)
+        self._tolerate(tolerant, "receive state", lambda: self._load_receive(space),
+                       lambda: None)
+
+    def _tolerate(self, tolerant: bool, what: str, load: Callable[[], _T],
+                  empty: Callable[[], _T]) -> _T:
+        """`load()`; when `tolerant` (a volume opened for fsck), a damaged part is noted
+        in `load_problems` and `empty()` stands in for it."""
+        if not tolerant:
+            return load()
+        try:
+            return load()
+        except SnapvolError as e:
+            self.load_problems.append(f"{what}: {e}")
+            return empty()
 
     def _load_receive(self, space: Allocator | None) -> None:
         """The state of a partial image-stream receive (snapvol.image.receiver): its file
@@ -473,6 +591,10 @@ class Volume:
         assert self._placed_root is not None
         self.root = self._placed_root
         self._placed_root = None
+        # The slot just written holds this CP now (a damaged one is healed by it).
+        written = slot_of(self.root.cp_count)
+        self.slots = tuple(SlotState(st.vbn, self.root.cp_count) if st.vbn == written else st
+                           for st in self.slots)
         assert self.alloc is not None
         self.alloc.commit()
 
@@ -520,6 +642,7 @@ class Volume:
             receive=root_of(self.receive_tree, self.receive_blocks),
             receive_done=self.receive_done,
             receive_flags=self.receive_flags,
+            features=self.root.features,
         )
         # The plane blocks are encoded: changes from here on belong to the next CP.
         alloc.seal()
@@ -530,7 +653,7 @@ class Volume:
         self._placed_root = root
         if background:
             self.io.pending = batch.contents()
-        return CPWriter(self.dev, batch, ROOT_SLOT_VBNS[root.cp_count % 2], root.encode())
+        return CPWriter(self.dev, batch, slot_of(root.cp_count), root.encode())
 
     def _settle_shadows(self) -> None:
         """Clear the blocks allocated since the last call from every shadow plane."""
@@ -599,6 +722,25 @@ class Volume:
 
         self._timer = threading.Thread(target=run, name="snapvol-cp-timer", daemon=True)
         self._timer.start()
+
+    @contextlib.contextmanager
+    def hold_committed(self) -> Iterator[RootRecord]:
+        """The committed root, kept whole on disk for as long as the block lasts: blocks
+        freed meanwhile (by CPs that commit, snapshot deletions, restores) are not handed
+        out again until it ends. For a reader that works off the mutex while changes go
+        on (the online fsck); space freed meanwhile comes back only when it ends. A
+        read-only volume has no allocator: another process (a receive) frees its blocks
+        only at the receive after next, so the root stays readable for that long."""
+        with self.mutex:
+            root = self.root
+            if self.alloc is not None:
+                self.alloc.hold()
+        try:
+            yield root
+        finally:
+            with self.mutex:
+                if self.alloc is not None:
+                    self.alloc.unhold()
 
     # ---- snapshots (see snapshots.py) --------------------------------------------------------
     def snapshot_image(self, name: str) -> Image:

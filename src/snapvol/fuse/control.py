@@ -52,6 +52,10 @@ def volume_facts(vol: Volume, image: str) -> dict[str, Any]:
         "last_cp_ns": vol.root.time_ns,
         "created_ns": vol.sb.created_ns,
         "snapshots": len(vol.snapshots),
+        "root_slots": [{"vbn": st.vbn, "cp_count": st.cp_count,
+                        "state": "valid" if st.valid else "blank" if st.blank else "damaged",
+                        "problem": st.problem} for st in vol.slots],
+        "root_warning": vol.root_warning,
     }
 
 

@@ -3,8 +3,9 @@
 Threads: the trio thread runs every FUSE handler and every control request, one at a time,
 calling the engine synchronously; the engine's CP timer thread (`Volume.start_cp_timer`)
 is the only other thread, and `Volume.mutex` orders it against the trio thread. A request
-that takes long (a CP for fsync, an online fsck) holds up the other requests meanwhile:
-that is the price of an engine that is not built for concurrent callers. A read-only
+that waits long does it off the loop: an fsync waits for its CP on a worker thread, and
+an online fsck checks the committed root in a process of its own (fuse/checker.py,
+reading only blocks that the volume holds for it), so other requests go on meanwhile. A read-only
 mount also runs `follow` (a root check every FOLLOW_INTERVAL seconds, see fuse.follow);
 its kernel notifications go from a worker thread that does not touch the engine.
 
@@ -22,9 +23,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 import os
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -32,8 +36,7 @@ from typing import Any
 import pyfuse3
 import trio
 
-from snapvol.engine import snapshots
-from snapvol.engine.fsck import check
+from snapvol.engine import fsck, snapshots
 from snapvol.engine.volume import Volume, check_cp_interval
 from snapvol.errors import SnapvolError
 from snapvol.fuse import follow, mounttable, readahead, registry
@@ -42,7 +45,6 @@ from snapvol.fuse.control import (
     ControlError,
     decode,
     encode,
-    fsck_result,
     volume_facts,
 )
 from snapvol.fuse.operations import SnapvolOperations
@@ -107,8 +109,6 @@ class _Mount:
             return {"name": str(args["new"])}
         if op == "snap_list":
             return [dataclasses.asdict(i) for i in snapshots.infos(vol)]
-        if op == "fsck":
-            return fsck_result(check(vol))
         raise SnapvolError(f"unknown control request {op!r}")
 
     async def unmount(self, force: bool) -> dict[str, Any]:
@@ -171,6 +171,45 @@ class _Mount:
             ops.settling, ops.settling_all = frozenset(), False
         return True
 
+    async def fsck(self, args: dict[str, Any]) -> dict[str, Any]:
+        """The online check (`fsck --online`): commit what is dirty, waiting for the disk
+        off the event loop as an fsync does, then check that committed root in a process
+        of its own (fuse/checker.py) while requests go on here. Meanwhile the volume holds
+        the root's blocks against reuse (`Volume.hold_committed`); the checker reads
+        them on its own descriptor, `share` of the time (engine/fsck.py, ONLINE_SHARE by
+        default). If the mount stops first, the checker is killed."""
+        vol = self.vol
+        share = float(args.get("share", fsck.ONLINE_SHARE))
+        if not 0 < share <= 1:
+            raise SnapvolError(f"--share {share}: must be more than 0 and at most 1")
+        if vol.writable:
+            target = vol.sync_target()
+            while (writer := vol.sync_step(target)) is not None:
+                await trio.to_thread.run_sync(writer.join)
+        started = time.monotonic()
+        argv = [sys.executable, "-m", "snapvol.fuse.checker", self.image, repr(share)]
+        running: list[subprocess.Popen[bytes]] = []
+        with vol.hold_committed() as root:
+            log.info("online check of CP %d started", root.cp_count)
+            try:
+                # Started and waited for on a worker thread: starting a process stops
+                # the thread that starts it for a moment, which must not be the loop's.
+                code, out, err = await trio.to_thread.run_sync(
+                    _run_checker, argv, root.encode(), running, abandon_on_cancel=True)
+            finally:
+                for proc in running:  # cancelled (the mount stops): before the hold ends
+                    if proc.poll() is None:
+                        proc.kill()
+        if code != 0:
+            why = err.decode(errors="replace").strip().splitlines()
+            raise SnapvolError(f"the online check of {self.image} failed: "
+                               f"{why[-1] if why else f'exit {code}'}")
+        result: dict[str, Any] = json.loads(out)
+        log.info("online check of CP %d: %s in %.1f s", root.cp_count,
+                 "clean" if result["clean"] else f"{len(result['problems'])} problem(s)",
+                 time.monotonic() - started)
+        return result
+
     async def follow(self) -> None:
         """A read-only mount checks for a new root every FOLLOW_INTERVAL seconds."""
         while True:
@@ -199,6 +238,8 @@ class _Mount:
                 # nursery is cancelled, but the CP and the answer must still happen.
                 with trio.CancelScope(shield=True):
                     result = await self.unmount(force=bool(args.get("force")))
+            elif request.get("op") == "fsck":  # async: the check runs on a worker thread
+                result = await self.fsck(dict(args))
             else:
                 result = self.dispatch(str(request.get("op")), dict(args))
             answer = {"ok": True, "result": result}
@@ -289,6 +330,17 @@ def check_mount(image: str, mountpoint: str, cp_interval: float | None = None,
         raise MountError(f"{image} is already mounted on {other.mountpoint} "
                          f"(process {other.pid})")
     return image, mountpoint
+
+
+def _run_checker(argv: list[str], root: bytes, running: list[subprocess.Popen[bytes]],
+                 ) -> tuple[int, bytes, bytes]:
+    """Run the online checker (fuse/checker.py) with `root` on stdin; (exit code, stdout,
+    stderr). The process is put in `running` so that a cancelled check can kill it."""
+    with subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE) as proc:
+        running.append(proc)
+        out, err = proc.communicate(root)
+    return proc.returncode, out, err
 
 
 def serve(image: str, mountpoint: str, *, read_only: bool = False,

@@ -8,9 +8,11 @@ FORMAT_VERSION = 1
 SUPERBLOCK_VBN = 0
 ROOT_SLOT_VBNS = (1, 2)
 FIRST_DATA_VBN = 3  # blocks below this are fixed records and never allocated
+MIN_VOLUME_BLOCKS = 256  # 1 MiB: the smallest volume `format` makes
 MAX_VOLUME_BLOCKS = 1 << 40
-"""The largest volume, in blocks (4 PiB): the limit an image stream's header states for
-the source volume's size (FORMAT.md), so every volume can be sent. `create` refuses more."""
+"""The largest volume, in blocks (4 PiB; its planes alone would take 256 GiB of memory):
+the limit an image stream's header states for the source volume's size (FORMAT.md), so
+every volume can be sent. `create` refuses more."""
 
 POINTER_SIZE = 16
 PTRS_PER_BLOCK = BLOCK_SIZE // POINTER_SIZE  # 256

@@ -81,6 +81,7 @@ ENTRY_OVERHEAD: Final = 18  # key, ino, type, name length
 LEAF_CAPACITY: Final = BLOCK_SIZE - NODE_HEADER_SIZE  # bytes of entries a leaf can hold
 MAX_CHILDREN: Final = (BLOCK_SIZE - NODE_HEADER_SIZE + 8) // 16  # 255
 TRUNK_CAPACITY: Final = (BLOCK_SIZE - NODE_HEADER_SIZE) // 8  # 510
+MAX_DIR_HEIGHT: Final = 16  # 255-way nodes: far more than 2**63 keys need
 
 _HEADER = struct.Struct("<8sHHIQQQQQQ")
 _NODE = struct.Struct("<4sBBHQ")
@@ -181,7 +182,7 @@ def encode_header(header: DirHeader) -> bytes:
 def decode_header(block: bytes, what: str = "directory header") -> DirHeader:
     """Decode the fbn-0 header; `what` names the block in error messages."""
     _check_size(block, what)
-    magic, version, height, _, root, count, parent, free_head, free_count, nodes = (
+    magic, version, height, reserved, root, count, parent, free_head, free_count, nodes = (
         _HEADER.unpack_from(block)
     )
     if magic != HEADER_MAGIC:
@@ -190,18 +191,31 @@ def decode_header(block: bytes, what: str = "directory header") -> DirHeader:
         raise CorruptionError(
             f"{what}: directory format version {version}, this snapvol reads {DIR_VERSION}"
         )
-    if height < 1:
+    if not 1 <= height <= MAX_DIR_HEIGHT:
         raise CorruptionError(f"{what}: tree height {height}")
+    if reserved or block[_HEADER.size :] != _ZERO_BLOCK[_HEADER.size :]:
+        raise CorruptionError(f"{what}: nonzero bytes where the format says zero")
     return DirHeader(height, root, count, parent, free_head, free_count, nodes)
 
 
 def node_kind(block: bytes, what: str) -> int:
-    """The KIND_* of a node block; CorruptionError if it is not a directory node."""
+    """The KIND_* of a node block; CorruptionError if it is not a directory node, or if
+    its header has a field set that its kind keeps zero (a leaf's or trunk's level, a
+    tree node's next-trunk field)."""
     _check_size(block, what)
-    magic, kind, _, _, _ = _NODE.unpack_from(block)
+    magic, kind, level, _, next_fbn = _NODE.unpack_from(block)
     if magic != NODE_MAGIC or kind not in (KIND_LEAF, KIND_INTERNAL, KIND_TRUNK):
         raise CorruptionError(f"{what}: not a directory node (magic {magic!r}, kind {kind})")
+    if (kind != KIND_TRUNK and next_fbn) or (kind != KIND_INTERNAL and level):
+        raise CorruptionError(f"{what}: node header fields its kind keeps zero are set "
+                              f"(level {level}, next {next_fbn})")
     return int(kind)
+
+
+def _check_tail(block: bytes, end: int, what: str) -> None:
+    """Unused bytes at the end of a block are zero."""
+    if block[end:] != _ZERO_BLOCK[end:]:
+        raise CorruptionError(f"{what}: nonzero bytes after the node's contents")
 
 
 def encode_leaf(keys: list[int], inos: list[int], dtypes: bytearray, names: list[bytes]) -> bytes:
@@ -257,8 +271,9 @@ def decode_internal(block: bytes, what: str) -> InternalRecord:
     if node_kind(block, what) != KIND_INTERNAL:
         raise CorruptionError(f"{what}: expected a directory internal node")
     _, _, level, n, _ = _NODE.unpack_from(block)
-    if not 1 <= n <= MAX_CHILDREN or level < 1:
+    if not 1 <= n <= MAX_CHILDREN or not 1 <= level < MAX_DIR_HEIGHT:
         raise CorruptionError(f"{what}: internal node with {n} children at level {level}")
+    _check_tail(block, NODE_HEADER_SIZE + 16 * n - 8, what)
     return InternalRecord(
         level=level,
         keys=_read_u64s(block, n - 1, NODE_HEADER_SIZE + 8 * n),
@@ -283,4 +298,5 @@ def decode_trunk(block: bytes, what: str) -> TrunkRecord:
     _, _, _, n, next_fbn = _NODE.unpack_from(block)
     if n > TRUNK_CAPACITY:
         raise CorruptionError(f"{what}: free-list trunk lists {n} fbns")
+    _check_tail(block, NODE_HEADER_SIZE + 8 * n, what)
     return TrunkRecord(next=next_fbn, fbns=_read_u64s(block, n, NODE_HEADER_SIZE))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
+from snapvol.errors import CorruptionError
 from snapvol.layout.constants import MAX_NAME
 
 CATALOG_MAGIC = b"SVDUMPS\x00"
@@ -23,7 +24,7 @@ RECORD_SIZE = 320
 _NAME_AT = 64
 
 
-class CatalogError(ValueError):
+class CatalogError(CorruptionError):
     """The catalog's bytes are not a catalog this version reads."""
 
 
@@ -47,11 +48,19 @@ class DumpRecord:
         return body + bytes(RECORD_SIZE - len(body))
 
     @classmethod
-    def decode(cls, data: bytes | memoryview) -> DumpRecord:
-        level, _flags, nlen, guid, base, cp, t, nbytes = _REC.unpack_from(data)
+    def decode(cls, data: bytes | memoryview, what: str = "dump catalog record") -> DumpRecord:
+        level, flags, nlen, guid, base, cp, t, nbytes = _REC.unpack_from(data)
         if level > MAX_LEVEL or not 0 < nlen <= MAX_NAME:
-            raise CatalogError("dump catalog record is damaged (level or name length)")
-        name = bytes(data[_NAME_AT : _NAME_AT + nlen]).decode("utf-8", "replace")
+            raise CatalogError(f"{what} is damaged (level {level}, name length {nlen})")
+        if flags or any(data[4:8]) or any(data[_NAME_AT + nlen : RECORD_SIZE]):
+            raise CatalogError(f"{what}: nonzero bytes where the format says zero")
+        if (level == 0) != (not any(base)):
+            raise CatalogError(f"{what}: a level-{level} dump "
+                               f"{'with' if level == 0 else 'without'} a base")
+        try:
+            name = bytes(data[_NAME_AT : _NAME_AT + nlen]).decode()
+        except UnicodeDecodeError:
+            raise CatalogError(f"{what}: the snapshot name is not UTF-8") from None
         return cls(level, guid, name, cp, t, nbytes, base)
 
 
@@ -70,7 +79,9 @@ def decode_catalog(data: bytes) -> list[DumpRecord]:
         raise CatalogError("dump catalog has a bad magic")
     if version != CATALOG_VERSION:
         raise CatalogError(f"dump catalog version {version} is not supported")
-    if len(data) < _HEAD.size + count * RECORD_SIZE:
-        raise CatalogError("dump catalog is shorter than its record count")
-    return [DumpRecord.decode(memoryview(data)[_HEAD.size + i * RECORD_SIZE :])
+    if len(data) != _HEAD.size + count * RECORD_SIZE:
+        raise CatalogError(f"dump catalog of {len(data)} bytes does not hold exactly its "
+                           f"{count} records")
+    return [DumpRecord.decode(memoryview(data)[_HEAD.size + i * RECORD_SIZE :],
+                              f"dump catalog record {i}")
             for i in range(count)]

@@ -12,11 +12,21 @@ import struct
 
 import numpy as np
 
-from snapvol.layout.constants import INODE_DIRECT, INODE_SIZE
+from snapvol.errors import CorruptionError
+from snapvol.layout.constants import INODE_DIRECT, INODE_SIZE, MAX_FILE_SIZE, MAX_HEIGHT
 from snapvol.layout.pointer import PTR_DTYPE
 
 _FMT = struct.Struct("<IIIIQQIIqqqqQQQBB6x")
+_CHECKED = struct.Struct("<IIIIQQIIqqqqQQQBB30s")  # the same, and bytes 98..127 (zero)
 _PTRS_AT = 128
+_ZERO_AT = 98
+_ZEROS = bytes(_PTRS_AT - _ZERO_AT)
+INODE_VERSION = 1
+INODE_FLAGS_KNOWN = 1 | 2  # holds another inode's xattrs; a fixed system inode
+FILE_TYPES = frozenset({stat.S_IFREG, stat.S_IFDIR, stat.S_IFLNK, stat.S_IFCHR, stat.S_IFBLK,
+                        stat.S_IFIFO, stat.S_IFSOCK})
+_TYPE_CODES = frozenset(t >> 12 for t in FILE_TYPES)  # mode >> 12 of a valid mode
+_EMPTY = bytes(INODE_SIZE)
 
 
 _PTR = struct.Struct("<QQ")
@@ -109,17 +119,33 @@ class Inode:
         head = _FMT.pack(
             self.mode, self.nlink, self.uid, self.gid, self.size, self.generation, self.qtree,
             self.flags, self.atime_ns, self.mtime_ns, self.ctime_ns, self.btime_ns, self.rdev,
-            self.xattr_ino, self.blocks, self.height, 1,
+            self.xattr_ino, self.blocks, self.height, INODE_VERSION,
         )
         head += bytes(_PTRS_AT - len(head))
         return head + self._ptr_bytes()
 
     @classmethod
     def decode(cls, ino: int, data: bytes | memoryview) -> Inode:
+        """Decode inode `ino`'s record. A slot never written is all zeros (version 0);
+        anything else must be a version-1 record whose fields are in range, or it is
+        refused with a CorruptionError naming the inode."""
         if len(data) < INODE_SIZE:
-            raise ValueError("short inode record")
+            raise CorruptionError(f"inode {ino}: short record ({len(data)} bytes)")
         (mode, nlink, uid, gid, size, gen, qtree, flags, at, mt, ct, bt, rdev, xino, blocks,
-         height, _version) = _FMT.unpack_from(data)
+         height, version, zeros) = _CHECKED.unpack_from(data)
+        if version != INODE_VERSION:
+            if version == 0 and data[:INODE_SIZE] == _EMPTY:
+                return cls(ino)
+            raise CorruptionError(f"inode {ino}: record version {version} is not supported "
+                                  f"(this snapvol reads version {INODE_VERSION})")
+        if zeros != _ZEROS:
+            raise CorruptionError(f"inode {ino}: nonzero bytes in the reserved bytes "
+                                  f"{_ZERO_AT}..{_PTRS_AT - 1}")
+        # mode >> 12 in _TYPE_CODES also says that no bit above the type is set
+        if height > MAX_HEIGHT or flags & ~INODE_FLAGS_KNOWN or size > MAX_FILE_SIZE or (
+                mode and mode >> 12 not in _TYPE_CODES):
+            raise CorruptionError(f"inode {ino}: impossible fields (mode {mode:o}, flags "
+                                  f"{flags:#x}, size {size}, tree height {height})")
         raw = bytes(data[_PTRS_AT:INODE_SIZE])
         return cls(ino, mode, nlink, uid, gid, size, gen, qtree, flags, at, mt, ct, bt, rdev,
                    xino, blocks, height, None, raw)

@@ -20,7 +20,7 @@ import struct
 from dataclasses import dataclass
 
 from snapvol.layout.constants import MAX_NAME, SNAP_ENTRY_SIZE
-from snapvol.layout.records import TreeRoot
+from snapvol.layout.records import RecordError, TreeRoot, check_zero
 
 SNAP_IN_USE = 1
 SNAP_SHADOW = 2
@@ -35,6 +35,7 @@ field existed (it is zero there)."""
 _FMT = struct.Struct("<IHH16sQqQ16s")
 _TREES_AT = 64
 _NAME_AT = 256
+_EMPTY = bytes(SNAP_ENTRY_SIZE)
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,14 +65,36 @@ class SnapEntry:
         return body + bytes(SNAP_ENTRY_SIZE - len(body))
 
     @classmethod
-    def decode(cls, data: bytes | memoryview) -> SnapEntry | None:
-        flags, nlen, _pad, guid, cp, created, snap_id, replica_for = _FMT.unpack_from(data)
+    def decode(cls, data: bytes | memoryview,
+               what: str = "snapshot table entry") -> SnapEntry | None:
+        """The entry, or None for a free slot (all zeros); RecordError naming `what` for
+        anything else this version does not know or that cannot be."""
+        if len(data) < SNAP_ENTRY_SIZE:
+            raise RecordError(f"{what}: {len(data)} bytes, an entry is {SNAP_ENTRY_SIZE}")
+        flags, nlen, pad, guid, cp, created, snap_id, replica_for = _FMT.unpack_from(data)
         if not flags & SNAP_IN_USE:
+            if data[:SNAP_ENTRY_SIZE] != _EMPTY:
+                raise RecordError(f"{what}: a free slot that is not all zeros")
             return None
+        if flags & ~SNAP_KNOWN_FLAGS:
+            raise RecordError(f"{what}: unknown flags {flags & ~SNAP_KNOWN_FLAGS:#x}")
+        if pad or not 0 < nlen <= MAX_NAME or cp < 1 or snap_id < 1:
+            raise RecordError(f"{what}: impossible fields (name length {nlen}, CP {cp}, "
+                              f"id {snap_id})")
+        check_zero(data, _FMT.size, _TREES_AT, what)
         ino, act, summ, snap = (
-            TreeRoot.decode(data[_TREES_AT + i * TreeRoot.SIZE :]) for i in range(4)
+            TreeRoot.decode(data[_TREES_AT + i * TreeRoot.SIZE :], f"{what}: tree {i}")
+            for i in range(4)
         )
-        name = bytes(data[_NAME_AT : _NAME_AT + nlen]).decode()
+        check_zero(data, _TREES_AT + 4 * TreeRoot.SIZE, _NAME_AT, what)
+        check_zero(data, _NAME_AT + nlen, SNAP_ENTRY_SIZE, what)
+        if replica_for != NO_VOLUME and not flags & SNAP_REPLICA:
+            raise RecordError(f"{what}: a replication target on an entry that is no "
+                              "replication snapshot")
+        try:
+            name = bytes(data[_NAME_AT : _NAME_AT + nlen]).decode()
+        except UnicodeDecodeError:
+            raise RecordError(f"{what}: the name is not UTF-8") from None
         return cls(snap_id, name, guid, cp, created, ino, act, summ, snap, flags, replica_for)
 
     @property

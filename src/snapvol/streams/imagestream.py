@@ -40,7 +40,7 @@ from snapvol.layout.constants import (
     SNAP_TABLE_BLOCKS,
 )
 from snapvol.layout.names import InvalidName, check_stored_snapshot_name
-from snapvol.layout.records import TreeRoot
+from snapvol.layout.records import RecordError, TreeRoot
 from snapvol.layout.snaptable import (
     NO_VOLUME,
     SNAP_IN_USE,
@@ -357,7 +357,10 @@ def _check_entry(raw: bytes, role: int, header: StreamHeader, where: str) -> Sna
     for i in range(4):
         at = _ENTRY_TREES_AT + i * TreeRoot.SIZE
         _zero(raw, at + 17, at + 24, where)  # the TreeRoot's 7 bytes after its height
-    entry = SnapEntry.decode(raw)
+    try:
+        entry = SnapEntry.decode(raw, where)
+    except RecordError as err:
+        raise StreamError(str(err)) from None
     assert entry is not None
     if not any(entry.guid):
         raise StreamError(f"{where} has a zero GUID")
