@@ -37,7 +37,11 @@ def _summary(verb: str, stats: CopyStats) -> str:
                     (stats.hardlinks, "hard link")):
         if n:
             parts.append(_count(n, word))
-    return f"{verb} {', '.join(parts)}; {human_size(stats.bytes)} of data"
+    if stats.size == stats.bytes:
+        return f"{verb} {', '.join(parts)}; {human_size(stats.bytes)} of data"
+    # The progress bar counts the files' lengths, holes included: so does this line.
+    return (f"{verb} {', '.join(parts)}; {human_size(stats.size)} "
+            f"({human_size(stats.bytes)} of data, the rest holes)")
 
 
 @click.command()

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import click
-from rich.table import Table
 
+from snapvol.cli.listing import Field, Listing
 from snapvol.cli.mount import mounted, remote
-from snapvol.cli.output import console, print_json, show_time
+from snapvol.cli.output import print_json, show_time
 from snapvol.cli.session import open_volume
 from snapvol.cli.sizes import human_size
 from snapvol.engine import snapshots
@@ -82,12 +82,38 @@ def snap_restore(image: str, name: str) -> None:
     click.echo(f"restored the active file system to snapshot {name}")
 
 
+def _kind(i: snapshots.SnapshotInfo) -> str:
+    return "shadow" if i.shadow else "replica" if i.replica else "snapshot"
+
+
+def _reclaimable(i: snapshots.SnapshotInfo) -> int:
+    return i.reclaimable_blocks * BLOCK_SIZE
+
+
+SNAPSHOTS: Listing[snapshots.SnapshotInfo] = Listing([
+    Field("name", lambda i: i.name),
+    Field("created", lambda i: show_time(i.created_ns), lambda i: str(i.created_ns)),
+    Field("reclaimable", lambda i: human_size(_reclaimable(i)),
+          lambda i: str(_reclaimable(i)), right=True),
+    Field("kind", _kind),
+    Field("origin", lambda i: "received" if i.received else "here"),
+    Field("guid", lambda i: i.guid),
+    Field("id", lambda i: str(i.snap_id), right=True),
+    Field("cp", lambda i: str(i.cp_count), right=True),
+    Field("replica_for", lambda i: i.replica_for or "-"),
+], default=("name", "created", "reclaimable"))
+
+
 @snap.command("list")
 @click.argument("image")
+@SNAPSHOTS.options
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (space in bytes).")
-def snap_list(image: str, as_json: bool) -> None:
-    """List snapshots, oldest first, with the space deleting each would free and where
-    each came from ("here": taken on IMAGE; "received": brought by a receive)."""
+def snap_list(image: str, scripted: bool, fields: tuple[str, ...] | None, verbose: bool,
+              as_json: bool) -> None:
+    """List snapshots, oldest first: name, creation time (UTC) and the space deleting each
+    would free; -v adds the kind, where each came from ("here": taken on IMAGE;
+    "received": brought by a receive), the GUID, the id, the CP and, for a replication
+    snapshot, the UUID of the volume it serves."""
     if (live := mounted(image)) is not None:
         infos = [snapshots.SnapshotInfo(**row) for row in remote(live, "snap_list")]
     else:
@@ -98,18 +124,9 @@ def snap_list(image: str, as_json: bool) -> None:
                      "cp_count": i.cp_count, "created_ns": i.created_ns,
                      "shadow": i.shadow, "replica": i.replica, "received": i.received,
                      "replica_for": i.replica_for,
-                     "reclaimable": i.reclaimable_blocks * BLOCK_SIZE} for i in infos])
+                     "reclaimable": _reclaimable(i)} for i in infos])
         return
-    table = Table(box=None)
-    for title in ("name", "kind", "origin", "guid", "CP", "created"):
-        table.add_column(title)
-    table.add_column("reclaimable", justify="right")
-    for i in infos:
-        kind = "shadow" if i.shadow else "replica" if i.replica else "snapshot"
-        table.add_row(i.name, kind, "received" if i.received else "here", i.guid,
-                      str(i.cp_count), show_time(i.created_ns),
-                      human_size(i.reclaimable_blocks * BLOCK_SIZE))
-    if infos:
-        console().print(table)
-    else:
+    if not infos and not scripted:
         click.echo("no snapshots")
+        return
+    SNAPSHOTS.echo(infos, fields=fields, verbose=verbose, scripted=scripted)

@@ -9,6 +9,7 @@ All those blocks are written and flushed before the root record goes to the olde
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 import stat
@@ -46,6 +47,8 @@ from snapvol.layout.records import (
     TreeRoot,
 )
 from snapvol.planes import Plane
+
+log = logging.getLogger("snapvol.engine")
 
 MIN_BLOCKS = 256
 DEFAULT_CP_INTERVAL = 10.0
@@ -475,6 +478,7 @@ class Volume:
         self._placed_root = None
         assert self.alloc is not None
         self.alloc.commit()
+        log.info("CP %d committed: %d blocks written", self.root.cp_count, len(writer.batch) + 1)
 
     _writing: CPWriter | None = None
     _placed_root: RootRecord | None = None
