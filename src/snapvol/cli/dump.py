@@ -14,6 +14,7 @@ from typing import Any
 
 import click
 
+from snapvol.cli import complete
 from snapvol.cli.listing import Field, Listing
 from snapvol.cli.output import print_json, show_time, stream_output
 from snapvol.cli.progress import byte_progress
@@ -43,8 +44,8 @@ DUMPS: Listing[_Row] = Listing([
 
 
 @click.command("dump")
-@click.argument("image")
-@click.argument("snap", required=False)
+@click.argument("image", shell_complete=complete.image_path)
+@click.argument("snap", required=False, shell_complete=complete.snapshot)
 @click.option("--level", type=click.IntRange(0, 9), help="Dump level, 0 (full) to 9.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False),
               help="Write the dump to this new file (never replaced), or to a device or "
@@ -105,8 +106,8 @@ def _list(image: str, as_json: bool, how: dict[str, Any]) -> None:
 
 
 @click.command("restore")
-@click.argument("image")
-@click.argument("files", nargs=-1, required=True)
+@click.argument("image", shell_complete=complete.image_path)
+@click.argument("files", nargs=-1, required=True, shell_complete=complete.image_path)
 @click.option("--create", is_flag=True, help="Make IMAGE, the size of the dumped volume.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def restore_cmd(image: str, files: tuple[str, ...], create: bool, as_json: bool) -> None:

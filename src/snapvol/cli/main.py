@@ -15,6 +15,7 @@ from typing import Any
 
 import click
 
+from snapvol.cli import complete
 from snapvol.cli.dump import dump_cmd, restore_cmd
 from snapvol.cli.files import cat, get, ls, put, rm
 from snapvol.cli.listing import align
@@ -46,7 +47,7 @@ def cli() -> None:
 
 
 @cli.command()
-@click.argument("image")
+@click.argument("image", shell_complete=complete.image_path)
 @click.option("--size", required=True, callback=size_option,
               help="Volume size: bytes, or a number with K, M, G, T or P (binary units).")
 def create(image: str, size: int) -> None:
@@ -60,7 +61,7 @@ def create(image: str, size: int) -> None:
 
 
 @cli.command()
-@click.argument("image")
+@click.argument("image", shell_complete=complete.image_path)
 @click.option("-H", "scripted", is_flag=True,
               help="For scripts: one 'field<TAB>value' line each, exact numbers (bytes, "
                    "nanoseconds since the epoch).")
@@ -106,7 +107,7 @@ def info(image: str, scripted: bool, as_json: bool) -> None:
 
 
 @cli.command()
-@click.argument("image")
+@click.argument("image", shell_complete=complete.image_path)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--online", is_flag=True,
               help="If IMAGE is mounted, have its mount process check it (after a CP).")

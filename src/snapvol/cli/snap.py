@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from snapvol.cli import complete
 from snapvol.cli.listing import Field, Listing
 from snapvol.cli.mount import mounted, remote
 from snapvol.cli.output import print_json, show_time
@@ -19,12 +20,12 @@ def snap() -> None:
 
 
 @snap.command("create")
-@click.argument("image")
+@click.argument("image", shell_complete=complete.image_path)
 @click.argument("name")
 @click.option("--shadow", is_flag=True,
               help="A shadow snapshot (bookmark): a block plane that holds no space and "
                    "can serve as the base of incremental sends, but cannot be read.")
-@click.option("--from", "source", metavar="SNAP",
+@click.option("--from", "source", metavar="SNAP", shell_complete=complete.snapshot,
               help="With --shadow: shadow the existing snapshot SNAP (same GUID and CP), "
                    "so SNAP can be deleted and still serve as a base.")
 def snap_create(image: str, name: str, shadow: bool, source: str | None) -> None:
@@ -44,8 +45,8 @@ def snap_create(image: str, name: str, shadow: bool, source: str | None) -> None
 
 
 @snap.command("delete")
-@click.argument("image")
-@click.argument("name")
+@click.argument("image", shell_complete=complete.image_path)
+@click.argument("name", shell_complete=complete.snapshot)
 def snap_delete(image: str, name: str) -> None:
     """Delete snapshot NAME, freeing the blocks only it held."""
     if (live := mounted(image)) is not None:
@@ -59,8 +60,8 @@ def snap_delete(image: str, name: str) -> None:
 
 
 @snap.command("rename")
-@click.argument("image")
-@click.argument("old")
+@click.argument("image", shell_complete=complete.image_path)
+@click.argument("old", shell_complete=complete.snapshot)
 @click.argument("new")
 def snap_rename(image: str, old: str, new: str) -> None:
     """Rename snapshot OLD to NEW."""
@@ -73,8 +74,8 @@ def snap_rename(image: str, old: str, new: str) -> None:
 
 
 @snap.command("restore")
-@click.argument("image")
-@click.argument("name")
+@click.argument("image", shell_complete=complete.image_path)
+@click.argument("name", shell_complete=complete.snapshot)
 def snap_restore(image: str, name: str) -> None:
     """Roll the active file system back to snapshot NAME (all snapshots are kept)."""
     with open_volume(image, writable=True) as vol:
@@ -105,7 +106,7 @@ SNAPSHOTS: Listing[snapshots.SnapshotInfo] = Listing([
 
 
 @snap.command("list")
-@click.argument("image")
+@click.argument("image", shell_complete=complete.image_path)
 @SNAPSHOTS.options
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (space in bytes).")
 def snap_list(image: str, scripted: bool, fields: tuple[str, ...] | None, verbose: bool,
