@@ -108,7 +108,7 @@ def mount(image: str, mountpoint: str, foreground: bool, read_only: bool,
                 click.echo(f"mounted {image} on {mountpoint}", err=True)
             systemd.notify("READY=1")
 
-        serve(image, mountpoint, ready=ready, log="journal" if journal else "stderr",
+        serve(image, mountpoint, ready=ready, log_to="journal" if journal else "stderr",
               **kwargs)
         return
     if not os.path.exists(image):
@@ -128,7 +128,7 @@ def mount(image: str, mountpoint: str, foreground: bool, read_only: bool,
                 log.info("mounted %s on %s", image, mountpoint)
                 _say(w, "ok")
 
-            serve(image, mountpoint, ready=ready, log=where, **kwargs)
+            serve(image, mountpoint, ready=ready, log_to=where, **kwargs)
         except SnapvolError as e:
             logging.getLogger("snapvol.fuse").error("%s", e)
             _say(w, f"error {e}")

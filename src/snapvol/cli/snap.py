@@ -102,7 +102,11 @@ SNAPSHOTS: Listing[snapshots.SnapshotInfo] = Listing([
     Field("id", lambda i: str(i.snap_id), right=True),
     Field("cp", lambda i: str(i.cp_count), right=True),
     Field("replica_for", lambda i: i.replica_for or "-"),
-], default=("name", "created", "reclaimable"))
+], default=("created", "reclaimable", "name"),
+   verbose=("created", "reclaimable", "kind", "origin", "guid", "id", "cp", "replica_for",
+            "name"))
+"""The name comes last, as in `ls -l`: a long one lengthens its own line only, so the
+other rows of a listing stay within an 80-column terminal."""
 
 
 @snap.command("list")
@@ -111,8 +115,8 @@ SNAPSHOTS: Listing[snapshots.SnapshotInfo] = Listing([
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (space in bytes).")
 def snap_list(image: str, scripted: bool, fields: tuple[str, ...] | None, verbose: bool,
               as_json: bool) -> None:
-    """List snapshots, oldest first: name, creation time (UTC) and the space deleting each
-    would free; -v adds the kind, where each came from ("here": taken on IMAGE;
+    """List snapshots, oldest first: creation time (UTC), the space deleting each would
+    free, and name; -v adds the kind, where each came from ("here": taken on IMAGE;
     "received": brought by a receive), the GUID, the id, the CP and, for a replication
     snapshot, the UUID of the volume it serves."""
     if (live := mounted(image)) is not None:

@@ -478,7 +478,7 @@ class Volume:
         self._placed_root = None
         assert self.alloc is not None
         self.alloc.commit()
-        log.info("CP %d committed: %d blocks written", self.root.cp_count, len(writer.batch) + 1)
+        log.info("CP %d committed", self.root.cp_count)
 
     _writing: CPWriter | None = None
     _placed_root: RootRecord | None = None

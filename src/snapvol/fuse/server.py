@@ -69,11 +69,11 @@ class MountError(SnapvolError):
 
 class _Mount:
     def __init__(self, image: str, mountpoint: str, vol: Volume, ops: SnapvolOperations,
-                 sock: str, readahead_kib: int, log: str) -> None:
+                 sock: str, readahead_kib: int, log_to: str) -> None:
         self.image, self.mountpoint, self.vol, self.ops, self.sock = (
             image, mountpoint, vol, ops, sock)
         self.readahead_kib = readahead_kib
-        self.log = log
+        self.log_to = log_to
         self.stopping = False
         self._refresh_error = ""
         self._refreshing = trio.Lock()  # one refresh (and its notifications) at a time
@@ -261,7 +261,7 @@ class _Mount:
             started = registry.process_start(os.getpid())
             registry.register(registry.MountEntry(
                 self.image, self.mountpoint, os.getpid(), self.sock, not self.vol.writable,
-                time.time_ns(), 0 if started is None else started[1], self.log))
+                time.time_ns(), 0 if started is None else started[1], self.log_to))
             nursery.start_soon(self.announce, ready)
             await pyfuse3.main()
             nursery.cancel_scope.cancel()
@@ -309,12 +309,12 @@ def _fsname(image: str) -> str:
 def serve(image: str, mountpoint: str, *, read_only: bool = False,
           cp_interval: float | None = None, allow_other: bool = False,
           readahead_kib: int = readahead.DEFAULT_KIB, kernel_flags: frozenset[str] = frozenset(),
-          log: str = "", ready: Callable[[], None] = lambda: None) -> None:
+          log_to: str = "", ready: Callable[[], None] = lambda: None) -> None:
     """Mount `image` on `mountpoint` and serve it until unmounted or signalled. `ready` is
     called once the mount answers requests. `readahead_kib` is the kernel's readahead
     window for the mount's files (0: the kernel's default). `kernel_flags` are mount
     flags the kernel applies to the mount point (nosuid, nodev, noexec: KERNEL_FLAGS).
-    `log` says where this process logs, for `snapvol mounts` (the caller set it up)."""
+    `log_to` says where this process logs, for `snapvol mounts` (the caller set it up)."""
     image, mountpoint = check_mount(image, mountpoint, cp_interval, readahead_kib)
     sock = registry.socket_path(image)
     vol = Volume.open(image, writable=not read_only)
@@ -340,13 +340,14 @@ def serve(image: str, mountpoint: str, *, read_only: bool = False,
         vol.background_cp = True  # requests go on while a CP is written
         vol.dirty_limit = MOUNT_DIRTY_LIMIT
         vol.start_cp_timer(cp_interval)
-    mount = _Mount(image, mountpoint, vol, ops, sock, readahead_kib, log)
+    mount = _Mount(image, mountpoint, vol, ops, sock, readahead_kib, log_to)
     try:
         trio.run(mount.run, ready)
     finally:
         try:
             ops.close_handles()
             vol.close()
+            log.info("unmounted %s from %s at CP %d", image, mountpoint, vol.root.cp_count)
         finally:
             pyfuse3.close(unmount=True)
             registry.unregister(image, os.getpid())
