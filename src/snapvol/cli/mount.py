@@ -16,6 +16,7 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import click
@@ -103,9 +104,7 @@ def mount(image: str, mountpoint: str, foreground: bool, read_only: bool,
         _log_to_stderr(journal, "snapvol mount: %(message)s")
 
         def ready() -> None:
-            log.info("mounted %s on %s", image, mountpoint)
-            if not journal:
-                click.echo(f"mounted {image} on {mountpoint}", err=True)
+            log.info("mounted %s on %s", image, mountpoint)  # on stderr
             systemd.notify("READY=1")
 
         serve(image, mountpoint, ready=ready, log_to="journal" if journal else "stderr",
@@ -115,6 +114,7 @@ def mount(image: str, mountpoint: str, foreground: bool, read_only: bool,
         raise SnapvolError(f"{image}: no such image file")
     logfile = registry.log_path(image)
     where = "journal" if journal else str(logfile)
+    shown = "the journal" if journal else where
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:  # the mount process
@@ -135,7 +135,7 @@ def mount(image: str, mountpoint: str, foreground: bool, read_only: bool,
             code = 2
         except BaseException as e:
             logging.getLogger("snapvol.fuse").exception("mount failed")
-            _say(w, f"error internal error: {type(e).__name__}: {e} (see {where})")
+            _say(w, f"error internal error: {type(e).__name__}: {e} (see {shown})")
             code = 2
         finally:
             os._exit(code)
@@ -148,7 +148,7 @@ def mount(image: str, mountpoint: str, foreground: bool, read_only: bool,
     os.waitpid(pid, 0)
     if answer.startswith("error "):
         raise SnapvolError(answer[len("error "):])
-    raise SnapvolError(f"the mount process exited before the mount was ready; see {where} "
+    raise SnapvolError(f"the mount process exited before the mount was ready; see {shown} "
                        "or run with --foreground")
 
 
@@ -275,28 +275,31 @@ def _clear_stale(stale: registry.StaleMount) -> None:
 
 def _row(m: MountEntry | StaleMount) -> dict[str, Any]:
     """One mount as `mounts --json` gives it (and the listing reads it)."""
-    live = isinstance(m, MountEntry)
+    live = m if isinstance(m, MountEntry) else None
     return {"image": m.image, "mountpoint": m.mountpoint, "pid": m.pid,
-            "read_only": m.read_only, "socket": m.socket if isinstance(m, MountEntry) else None,
+            "read_only": m.read_only, "socket": live.socket if live else None,
             "started_ns": m.started_ns, "state": "live" if live else "stale",
             "log": m.log or None}
 
 
-def _unknown(value: object, shown: str) -> str:
-    return "?" if value is None else shown
+def _known(value: object, shown: Callable[[], str]) -> str:
+    """What a dead process's entry did not say is "?"."""
+    return "?" if value is None else shown()
+
+
+def _pid(r: dict[str, Any]) -> str:
+    return _known(r["pid"], lambda: f"{r['pid']}" + (" (gone)" if r["state"] == "stale" else ""))
 
 
 MOUNTS: Listing[dict[str, Any]] = Listing([
     Field("mountpoint", lambda r: r["mountpoint"]),
     Field("image", lambda r: r["image"] or "?"),
-    Field("mode", lambda r: _unknown(r["read_only"], "ro" if r["read_only"] else "rw")),
-    Field("pid", lambda r: _unknown(r["pid"], f"{r['pid']}" + (
-        " (gone)" if r["state"] == "stale" else "")), lambda r: _unknown(r["pid"], str(r["pid"])),
-        right=True),
+    Field("mode", lambda r: _known(r["read_only"], lambda: "ro" if r["read_only"] else "rw")),
+    Field("pid", _pid, lambda r: _known(r["pid"], lambda: str(r["pid"])), right=True),
     Field("state", lambda r: r["state"]),
     Field("log", lambda r: r["log"] or "?"),
-    Field("since", lambda r: _unknown(r["started_ns"], show_time(r["started_ns"] or 0)),
-          lambda r: _unknown(r["started_ns"], str(r["started_ns"]))),
+    Field("since", lambda r: _known(r["started_ns"], lambda: show_time(r["started_ns"])),
+          lambda r: _known(r["started_ns"], lambda: str(r["started_ns"]))),
     Field("socket", lambda r: r["socket"] or "-"),
 ], default=("mountpoint", "image", "mode", "pid", "state", "log"))
 
