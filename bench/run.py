@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
             console.print(profile_summary(stats), markup=False, highlight=False)
     report = {
         "scale": scale.name,
-        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),  # UTC, as snapvol
         "host": {
             "python": platform.python_version(),
             "numpy": np.__version__,

@@ -94,3 +94,4 @@ step "fsck (read-only check of the active file system and every snapshot)"
 "$snapvol" fsck vol.img
 
 step "done"
+echo "snapvol is $snapvol; 'make install-bin' puts it on PATH (README: Getting started)"

@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 LOGGER = "snapvol"
-MOUNT_LOG_LINE = re.compile(r"^\S+ \S+ snapvol mount\[\d+\] (?:ERROR|CRITICAL): ")
+MOUNT_LOG_LINE = re.compile(r"^\S+ snapvol mount\[\d+\] (?:ERROR|CRITICAL): ")
 TRACEBACK = "Traceback (most recent call last):"
 
 

@@ -48,13 +48,13 @@ PROBE = textwrap.dedent('''
     def test_mount_log(tmp_path):
         path = tmp_path / "x.log"
         path.write_text(
-            "2026-01-01 10:00:00,000 snapvol mount[12] INFO: readahead window 1024 KiB\\n"
-            "2026-01-01 10:00:01,000 snapvol mount[12] ERROR: refresh failed\\n"
+            "2026-01-01T10:00:00.000Z snapvol mount[12] INFO: readahead window 1024 KiB\\n"
+            "2026-01-01T10:00:01.000Z snapvol mount[12] ERROR: refresh failed\\n"
             "Traceback (most recent call last):\\n"
             '  File "x.py", line 1, in f\\n'
             "    g()\\n"
             "KeyError: 'k'\\n"
-            "2026-01-01 10:00:02,000 snapvol mount[12] WARNING: slow\\n"
+            "2026-01-01T10:00:02.000Z snapvol mount[12] WARNING: slow\\n"
             "Traceback (most recent call last):\\n"
             '  File "y.py", line 2, in h\\n'
             "RuntimeError: died\\n")
@@ -76,7 +76,7 @@ def test_checklogs_plugin(pytester: pytest.Pytester) -> None:
     assert "logged an undeclared error: snapvol.probe ERROR: boom 1" in text
     assert "declared error never logged: 'never logged'" in text
     assert "handler failed [with a traceback]" in text
-    assert "mount log x.log: 2026-01-01 10:00:01,000 snapvol mount[12] ERROR: refresh failed" \
+    assert "mount log x.log: 2026-01-01T10:00:01.000Z snapvol mount[12] ERROR: refresh failed" \
         in text
     assert "traceback in mount log x.log: Traceback (most recent call last):" in text
     for name in ("test_declared ", "test_declared_at_run_time", "test_warnings_and_other",

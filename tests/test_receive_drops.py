@@ -76,7 +76,7 @@ def test_snapshots_the_source_deleted_are_dropped_and_named(
     code, out, _ = cli(capsys, "snap", "list", str(dst), "--json")
     assert code == 0 and [(r["name"], r["received"]) for r in json.loads(out)] == [
         ("s2", True), ("s3", True)]
-    code, out, _ = cli(capsys, "snap", "list", str(src))
+    code, out, _ = cli(capsys, "snap", "list", "-v", str(src))  # -v: with the origin
     assert code == 0 and "here" in out and "received" not in out
 
 

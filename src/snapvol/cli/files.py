@@ -15,6 +15,7 @@ import sys
 
 import click
 
+from snapvol.cli import complete
 from snapvol.cli.output import json_name, print_json, show_time, type_name
 from snapvol.cli.progress import copy_progress
 from snapvol.cli.session import open_volume
@@ -23,7 +24,7 @@ from snapvol.errors import FsError
 from snapvol.fs import FileSystem, Stat
 from snapvol.fs.copy import CHUNK, CopyStats, get_tree, put_tree
 
-_SNAPSHOT = click.option("--snapshot", "-s", metavar="NAME",
+_SNAPSHOT = click.option("--snapshot", "-s", metavar="NAME", shell_complete=complete.snapshot,
                          help="Read from snapshot NAME instead of the active file system.")
 
 
@@ -37,11 +38,15 @@ def _summary(verb: str, stats: CopyStats) -> str:
                     (stats.hardlinks, "hard link")):
         if n:
             parts.append(_count(n, word))
-    return f"{verb} {', '.join(parts)}; {human_size(stats.bytes)} of data"
+    if stats.size == stats.bytes:
+        return f"{verb} {', '.join(parts)}; {human_size(stats.bytes)} of data"
+    # The progress bar counts the files' lengths, holes included: so does this line.
+    return (f"{verb} {', '.join(parts)}; {human_size(stats.size)} "
+            f"({human_size(stats.bytes)} of data, the rest holes)")
 
 
 @click.command()
-@click.argument("image")
+@click.argument("image", shell_complete=complete.image_path)
 @click.argument("src")
 @click.argument("dest", default="/")
 def put(image: str, src: str, dest: str) -> None:
@@ -57,7 +62,7 @@ def put(image: str, src: str, dest: str) -> None:
 
 
 @click.command()
-@click.argument("image")
+@click.argument("image", shell_complete=complete.image_path)
 @click.argument("path")
 @click.argument("dest")
 @_SNAPSHOT
@@ -69,7 +74,7 @@ def get(image: str, path: str, dest: str, snapshot: str | None) -> None:
 
 
 @click.command()
-@click.argument("image")
+@click.argument("image", shell_complete=complete.image_path)
 @click.argument("path", default="/")
 @_SNAPSHOT
 @click.option("-l", "long_", is_flag=True, help="Long listing: mode, links, owner, size, time.")
@@ -131,7 +136,7 @@ def _long_lines(rows: list[tuple[bytes, Stat]], targets: dict[int, bytes]) -> li
 
 
 @click.command()
-@click.argument("image")
+@click.argument("image", shell_complete=complete.image_path)
 @click.argument("path")
 @_SNAPSHOT
 def cat(image: str, path: str, snapshot: str | None) -> None:
@@ -153,7 +158,7 @@ def cat(image: str, path: str, snapshot: str | None) -> None:
 
 
 @click.command()
-@click.argument("image")
+@click.argument("image", shell_complete=complete.image_path)
 @click.argument("path")
 @click.option("-r", "recursive", is_flag=True, help="Remove a directory and all it holds.")
 def rm(image: str, path: str, recursive: bool) -> None:

@@ -15,13 +15,13 @@ import sys
 from typing import Any
 
 import click
-from rich.markup import escape
-from rich.table import Table
 
+from snapvol.cli import complete
 from snapvol.cli.dump import dump_cmd, restore_cmd
 from snapvol.cli.files import cat, get, ls, put, rm
+from snapvol.cli.listing import align
 from snapvol.cli.mount import mount, mounted, mounts, remote, unmount
-from snapvol.cli.output import console, print_json, show_time
+from snapvol.cli.output import print_json, show_time
 from snapvol.cli.progress import check_progress
 from snapvol.cli.replicate import replicate_cmd
 from snapvol.cli.session import open_volume
@@ -48,7 +48,7 @@ def cli() -> None:
 
 
 @cli.command()
-@click.argument("image")
+@click.argument("image", shell_complete=complete.image_path)
 @click.option("--size", required=True, callback=size_option,
               help="Volume size: bytes, or a number with K, M, G, T or P (binary units).")
 def create(image: str, size: int) -> None:
@@ -62,9 +62,12 @@ def create(image: str, size: int) -> None:
 
 
 @cli.command()
-@click.argument("image")
+@click.argument("image", shell_complete=complete.image_path)
+@click.option("-H", "scripted", is_flag=True,
+              help="For scripts: one 'field<TAB>value' line each, exact numbers (bytes, "
+                   "nanoseconds since the epoch).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (sizes in bytes).")
-def info(image: str, as_json: bool) -> None:
+def info(image: str, scripted: bool, as_json: bool) -> None:
     """Show a volume's identity and space (through its mount process if it is mounted)."""
     if (live := mounted(image)) is not None:
         facts: dict[str, Any] = remote(live, "info")
@@ -75,34 +78,39 @@ def info(image: str, as_json: bool) -> None:
     if as_json:
         print_json(facts)
         return
-    table = Table(show_header=False, box=None)
-    table.add_column(style="bold")
-    table.add_column()
-    rows = [
-        ("image", image),
-        ("format version", str(facts["format_version"])),
-        ("uuid", str(facts["uuid"])),
-        ("created", show_time(facts["created_ns"])),
-        ("size", human_size(facts["size"])),
-        ("used", human_size(facts["used"])),
-        ("free", human_size(facts["free"])),
-        ("held only by snapshots", human_size(facts["snapshot_only"])),
-        ("consistency points", str(facts["cp_count"])),
-        ("last CP", show_time(facts["last_cp_ns"])),
-        ("snapshots", str(facts["snapshots"])),
+    size = {"human": human_size, "exact": str}
+    when = {"human": show_time, "exact": str}
+    rows: list[tuple[str, str, Any, dict[str, Any] | None]] = [
+        ("image", "image", image, None),
+        ("format version", "format_version", facts["format_version"], None),
+        ("uuid", "uuid", facts["uuid"], None),
+        ("created", "created", facts["created_ns"], when),
+        ("size", "size", facts["size"], size),
+        ("used", "used", facts["used"], size),
+        ("free", "free", facts["free"], size),
+        ("held only by snapshots", "snapshot_only", facts["snapshot_only"], size),
+        ("consistency points", "cp_count", facts["cp_count"], None),
+        ("last CP", "last_cp", facts["last_cp_ns"], when),
+        ("snapshots", "snapshots", facts["snapshots"], None),
     ]
     if facts.get("root_warning"):
-        rows.append(("root record", f"[bold red]{escape(facts['root_warning'])}[/]"))
+        rows.append(("root record", "root_warning", facts["root_warning"], None))
     if facts.get("resume_token"):
-        rows.append(("partial receive", f"{facts['receiving']}, resume token "
-                                        f"{facts['resume_token']}"))
-    for row in rows:
-        table.add_row(*row)
-    console().print(table)
+        rows.append(("partial receive", "receiving", facts["receiving"], None))
+        rows.append(("resume token", "resume_token", facts["resume_token"], None))
+    form = "exact" if scripted else "human"
+    shown = [(key if scripted else label, str(value) if how is None else how[form](value))
+             for label, key, value, how in rows]
+    if scripted:
+        for key, value in shown:
+            click.echo(f"{key}\t{value}")
+    else:
+        for line in align([[label, value] for label, value in shown], [False, False]):
+            click.echo(line)
 
 
 @cli.command()
-@click.argument("image")
+@click.argument("image", shell_complete=complete.image_path)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--online", is_flag=True,
               help="If IMAGE is mounted, have its mount process check it (after a CP), "

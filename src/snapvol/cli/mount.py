@@ -2,8 +2,11 @@
 
 Without --foreground, `mount` forks a mount process that detaches from the terminal and
 waits for it: the parent returns once the mount answers requests, or fails with the
-child's own error message. The child's later messages go to a log file in the run
-directory (see `snapvol.fuse.registry`).
+child's own error message. The mount process logs (its CPs, snapshots, followed receives
+and errors) to one place, which its registry entry records and `snapvol mounts` shows:
+the journal when systemd started it (its stderr is the journal stream: cli/systemd.py),
+else stderr with --foreground, else a log file in the run directory (see
+`snapvol.fuse.registry`). Log times are UTC, like every time snapvol prints.
 """
 
 from __future__ import annotations
@@ -13,20 +16,24 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import click
-from rich.table import Table
 
-from snapvol.cli.output import console, print_json, show_time
+from snapvol.cli import systemd
+from snapvol.cli.listing import Field, Listing
+from snapvol.cli.output import print_json, show_time
 from snapvol.engine.volume import MAX_CP_INTERVAL, MIN_CP_INTERVAL, check_cp_interval
 from snapvol.errors import SnapvolError
 from snapvol.fuse import mounttable, registry
 from snapvol.fuse.control import ControlError, call
 from snapvol.fuse.readahead import DEFAULT_KIB, check_kib
-from snapvol.fuse.registry import MountEntry
+from snapvol.fuse.registry import MountEntry, StaleMount
 
 UNMOUNT_WAIT = 60.0
+KERNEL_FLAGS = ("nosuid", "nodev", "noexec")  # what fuse.server.KERNEL_FLAGS passes on
+log = logging.getLogger("snapvol.fuse")
 
 
 def mounted(image: str) -> MountEntry | None:
@@ -49,6 +56,15 @@ def _cp_interval(ctx: click.Context, param: click.Parameter,
         raise click.BadParameter(str(err), ctx, param) from None
 
 
+def _kernel_flags(ctx: click.Context, param: click.Parameter,
+                  value: str | None) -> frozenset[str]:
+    flags = frozenset(f.strip() for f in (value or "").split(",") if f.strip())
+    if flags - set(KERNEL_FLAGS):
+        raise click.BadParameter(f"unknown flag {', '.join(sorted(flags - set(KERNEL_FLAGS)))}"
+                                 f": the flags are {', '.join(KERNEL_FLAGS)}", ctx, param)
+    return flags
+
+
 @click.command()
 @click.argument("image", type=click.Path(dir_okay=False))
 @click.argument("mountpoint", type=click.Path(file_okay=False))
@@ -65,23 +81,40 @@ def _cp_interval(ctx: click.Context, param: click.Parameter,
               callback=lambda ctx, param, value: check_kib(value),  # before any fork
               help="The kernel's readahead window for the mount's files, if run by root "
                    "(0: the kernel's default, 128).")
+@click.option("--kernel-flags", metavar="FLAG,...", callback=_kernel_flags,
+              help="Mount flags the kernel applies to the mount point, as in mount(8): "
+                   + ", ".join(KERNEL_FLAGS) + ".")
 def mount(image: str, mountpoint: str, foreground: bool, read_only: bool,
-          cp_interval: float | None, allow_other: bool, readahead: int) -> None:
-    """Mount the volume in IMAGE on MOUNTPOINT; snapshots appear under MOUNTPOINT/.snapshot."""
+          cp_interval: float | None, allow_other: bool, readahead: int,
+          kernel_flags: frozenset[str]) -> None:
+    """Mount the volume in IMAGE on MOUNTPOINT; snapshots appear under MOUNTPOINT/.snapshot.
+
+    The mount process logs its CPs, snapshots, followed receives and errors to the
+    journal when systemd runs it, to stderr with --foreground, and otherwise to a file
+    that `snapvol mounts` names. From /etc/fstab: see mount.fuse.snapvol(8)."""
     from snapvol.fuse.server import check_mount, serve
 
     image, mountpoint = os.path.abspath(image), os.path.abspath(mountpoint)
     check_mount(image, mountpoint)  # before the fork: a refusal is never the log's
     kwargs: dict[str, Any] = {"read_only": read_only, "cp_interval": cp_interval,
-                              "allow_other": allow_other, "readahead_kib": readahead}
+                              "allow_other": allow_other, "readahead_kib": readahead,
+                              "kernel_flags": kernel_flags}
+    journal = systemd.stderr_is_journal()
     if foreground:
-        logging.basicConfig(level=logging.INFO, format="snapvol mount: %(message)s")
-        serve(image, mountpoint, ready=lambda: click.echo(
-            f"mounted {image} on {mountpoint}", err=True), **kwargs)
+        _log_to_stderr(journal, "snapvol mount: %(message)s")
+
+        def ready() -> None:
+            log.info("mounted %s on %s", image, mountpoint)  # on stderr
+            systemd.notify("READY=1")
+
+        serve(image, mountpoint, ready=ready, log_to="journal" if journal else "stderr",
+              **kwargs)
         return
     if not os.path.exists(image):
         raise SnapvolError(f"{image}: no such image file")
     logfile = registry.log_path(image)
+    where = "journal" if journal else str(logfile)
+    shown = "the journal" if journal else where
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:  # the mount process
@@ -89,15 +122,20 @@ def mount(image: str, mountpoint: str, foreground: bool, read_only: bool,
         code = 0
         try:
             os.setsid()
-            _detach(logfile)
-            serve(image, mountpoint, ready=lambda: _say(w, "ok"), **kwargs)
+            _detach(None if journal else logfile)
+
+            def ready() -> None:
+                log.info("mounted %s on %s", image, mountpoint)
+                _say(w, "ok")
+
+            serve(image, mountpoint, ready=ready, log_to=where, **kwargs)
         except SnapvolError as e:
             logging.getLogger("snapvol.fuse").error("%s", e)
             _say(w, f"error {e}")
             code = 2
         except BaseException as e:
             logging.getLogger("snapvol.fuse").exception("mount failed")
-            _say(w, f"error internal error: {type(e).__name__}: {e} (see {logfile})")
+            _say(w, f"error internal error: {type(e).__name__}: {e} (see {shown})")
             code = 2
         finally:
             os._exit(code)
@@ -110,7 +148,7 @@ def mount(image: str, mountpoint: str, foreground: bool, read_only: bool,
     os.waitpid(pid, 0)
     if answer.startswith("error "):
         raise SnapvolError(answer[len("error "):])
-    raise SnapvolError(f"the mount process exited before the mount was ready; see {logfile} "
+    raise SnapvolError(f"the mount process exited before the mount was ready; see {shown} "
                        "or run with --foreground")
 
 
@@ -120,23 +158,46 @@ def _say(fd: int, line: str) -> None:
         os.write(fd, " ".join(line.splitlines()).encode() + b"\n")
 
 
-def _detach(logfile: os.PathLike[str]) -> None:
-    """Leave the terminal: stdin from /dev/null, stdout and stderr to the log file."""
+def _detach(logfile: os.PathLike[str] | None) -> None:
+    """Leave the terminal: stdin from /dev/null, stdout and stderr to the log file (or
+    kept as they are when `logfile` is None: the journal stream systemd gave)."""
     null = os.open(os.devnull, os.O_RDONLY)
-    log = os.open(logfile, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     os.dup2(null, 0)
-    os.dup2(log, 1)
-    os.dup2(log, 2)
     os.close(null)
-    os.close(log)
+    if logfile is not None:
+        fd = os.open(logfile, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        os.close(fd)
     # A name that is not UTF-8 (os.fsdecode's surrogates) is logged as \xNN escapes
     # instead of failing the log write.
     sys.stdout = open(1, "w", closefd=False, errors="backslashreplace")  # noqa: SIM115
     sys.stderr = open(2, "w", closefd=False, errors="backslashreplace")  # noqa: SIM115
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s snapvol mount[%(process)d] %(levelname)s: "
-                               "%(message)s")
+    _log_to_stderr(logfile is None, LOG_FORMAT)
     os.chdir("/")
+
+
+LOG_FORMAT = "%(asctime)s snapvol mount[%(process)d] %(levelname)s: %(message)s"
+"""The log file's lines: `2025-06-01T12:00:00.123Z snapvol mount[PID] INFO: ...`."""
+
+
+class _UTCFormatter(logging.Formatter):
+    converter = staticmethod(time.gmtime)
+    default_time_format = "%Y-%m-%dT%H:%M:%S"
+    default_msec_format = "%s.%03dZ"
+
+
+def _log_to_stderr(journal: bool, fmt: str) -> None:
+    """Log INFO and above to stderr: for the journal with priority prefixes and no time
+    (the journal stamps its own), else with a UTC time when `fmt` asks for one."""
+    handler = logging.StreamHandler(sys.stderr)
+    if journal:
+        handler.setFormatter(systemd.JournalFormatter("snapvol mount: %(message)s"))
+    else:
+        handler.setFormatter(_UTCFormatter(fmt))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
 
 
 def _read_line(fd: int) -> str:
@@ -212,36 +273,54 @@ def _clear_stale(stale: registry.StaleMount) -> None:
                "after its last CP are lost)")
 
 
+def _row(m: MountEntry | StaleMount) -> dict[str, Any]:
+    """One mount as `mounts --json` gives it (and the listing reads it)."""
+    live = m if isinstance(m, MountEntry) else None
+    return {"image": m.image, "mountpoint": m.mountpoint, "pid": m.pid,
+            "read_only": m.read_only, "socket": live.socket if live else None,
+            "started_ns": m.started_ns, "state": "live" if live else "stale",
+            "log": m.log or None}
+
+
+def _known(value: object, shown: Callable[[], str]) -> str:
+    """What a dead process's entry did not say is "?"."""
+    return "?" if value is None else shown()
+
+
+def _pid(r: dict[str, Any]) -> str:
+    return _known(r["pid"], lambda: f"{r['pid']}" + (" (gone)" if r["state"] == "stale" else ""))
+
+
+MOUNTS: Listing[dict[str, Any]] = Listing([
+    Field("mountpoint", lambda r: r["mountpoint"]),
+    Field("image", lambda r: r["image"] or "?"),
+    Field("mode", lambda r: _known(r["read_only"], lambda: "ro" if r["read_only"] else "rw")),
+    Field("pid", _pid, lambda r: _known(r["pid"], lambda: str(r["pid"])), right=True),
+    Field("state", lambda r: r["state"]),
+    Field("log", lambda r: r["log"] or "?"),
+    Field("since", lambda r: _known(r["started_ns"], lambda: show_time(r["started_ns"])),
+          lambda r: _known(r["started_ns"], lambda: str(r["started_ns"]))),
+    Field("socket", lambda r: r["socket"] or "-"),
+], default=("mountpoint", "image", "mode", "pid", "state", "log"))
+
+
 @click.command()
+@MOUNTS.options
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def mounts(as_json: bool) -> None:
+def mounts(scripted: bool, fields: tuple[str, ...] | None, verbose: bool,
+           as_json: bool) -> None:
     """List this host's snapvol mounts, and stale ones (their mount process was killed;
-    `snapvol unmount MOUNTPOINT` clears them)."""
-    found = registry.mounts()
-    stale = registry.stale()
+    `snapvol unmount MOUNTPOINT` clears them), with where each mount process logs: a
+    file, "journal" (journalctl -u the mount's unit) or "stderr" (--foreground)."""
+    found: list[MountEntry | StaleMount] = [*registry.mounts(), *registry.stale()]
+    rows = [_row(m) for m in found]
     if as_json:
-        print_json([{"image": e.image, "mountpoint": e.mountpoint, "pid": e.pid,
-                     "read_only": e.read_only, "socket": e.socket,
-                     "started_ns": e.started_ns, "state": "live"} for e in found] +
-                   [{"image": s.image, "mountpoint": s.mountpoint, "pid": s.pid,
-                     "read_only": s.read_only, "socket": None, "started_ns": s.started_ns,
-                     "state": "stale"} for s in stale])
+        print_json(rows)
         return
-    if not found and not stale:
+    if not rows and not scripted:
         click.echo("no mounts")
         return
-    table = Table(box=None)
-    for title in ("mount point", "image", "mode", "process", "since", "state"):
-        table.add_column(title)
-    for e in found:
-        table.add_row(e.mountpoint, e.image, "ro" if e.read_only else "rw", str(e.pid),
-                      show_time(e.started_ns), "live")
-    for s in stale:
-        table.add_row(s.mountpoint, s.image or "?",
-                      "?" if s.read_only is None else "ro" if s.read_only else "rw",
-                      "?" if s.pid is None else f"{s.pid} (gone)",
-                      "?" if s.started_ns is None else show_time(s.started_ns), "stale")
-    console().print(table)
-    if stale:
+    MOUNTS.echo(rows, fields=fields, verbose=verbose, scripted=scripted)
+    if any(r["state"] == "stale" for r in rows) and not scripted:
         click.echo("stale: the mount process is gone; `snapvol unmount MOUNTPOINT` "
                    "clears the mount")

@@ -1,8 +1,10 @@
-"""How commands print: JSON for scripts, plain lines and rich tables for people.
+"""How commands print: JSON for scripts, plain lines and listings (cli/listing.py) for
+people, and one form of time everywhere.
 
-Rich markup is off: a file or snapshot name with brackets in it must print as it is.
-Tables get a wide console when stdout is not a terminal, so a pipe never sees a table
-wrapped at 80 columns.
+Times are UTC, written with their `Z` (`2025-06-01T12:00:00Z`): listings, `info`, `ls -l`,
+the mount log and the names `replicate` gives its snapshots (`replica-...-20250601T120000.
+123456Z`) all agree, whatever the host's time zone, so a time copied from one host's
+listing means the same on another's. JSON carries the raw nanoseconds since the epoch.
 """
 
 from __future__ import annotations
@@ -15,18 +17,12 @@ import secrets
 import stat
 import sys
 from collections.abc import Iterator
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import IO
 
 import click
-from rich.console import Console
 
 from snapvol.errors import SnapvolError
-
-
-def console() -> Console:
-    wide = None if sys.stdout.isatty() else 200
-    return Console(markup=False, highlight=False, emoji=False, width=wide)
 
 
 def print_json(value: object) -> None:
@@ -34,8 +30,12 @@ def print_json(value: object) -> None:
 
 
 def show_time(ns: int) -> str:
-    """Local time to the second, for tables (JSON carries the raw nanoseconds)."""
-    return datetime.fromtimestamp(ns / 1e9).strftime("%Y-%m-%d %H:%M:%S")
+    """UTC to the second, with its Z: `2025-06-01T12:00:00Z` (see the module doc); a time
+    past what a calendar date holds (year 10000 on) as `@SECONDS`, as `date -d` reads it."""
+    try:
+        return datetime.fromtimestamp(ns // 10**9, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    except (ValueError, OverflowError, OSError):
+        return f"@{ns // 10**9}"
 
 
 def shown_name(raw: bytes) -> str:

@@ -1,7 +1,11 @@
-"""Progress bars (put and get: entries and bytes; fsck: inodes per image), drawn on
-stderr only on a terminal.
+"""Progress bars (put and get: files and bytes; send, receive, dump, replicate: bytes;
+fsck: inodes per image), drawn on stderr only on a terminal.
 
 When stdout or stderr is not a terminal (a script, a pipe, a log) nothing is drawn.
+Sizes and rates are in binary units written by `human_size`, as every other size snapvol
+prints, and a bar counts what the command's summary line counts (put and get: regular
+files, and their lengths with holes; transfers: bytes of stream), so the last figures a
+bar shows are the summary's.
 """
 
 from __future__ import annotations
@@ -13,15 +17,35 @@ from collections.abc import Callable, Iterator
 from rich.console import Console
 from rich.progress import (
     BarColumn,
-    DownloadColumn,
     Progress,
+    ProgressColumn,
+    Task,
     TaskID,
     TextColumn,
     TimeRemainingColumn,
-    TransferSpeedColumn,
 )
+from rich.text import Text
 
+from snapvol.cli.sizes import human_size
 from snapvol.fs.copy import Progress as CopyProgress
+
+
+class _Bytes(ProgressColumn):
+    """`1.5 MiB/3.0 MiB`, in human_size's words."""
+
+    def render(self, task: Task) -> Text:
+        done = human_size(int(task.completed))
+        total = "?" if task.total is None else human_size(int(task.total))
+        return Text(f"{done}/{total}", style="progress.download")
+
+
+class _Rate(ProgressColumn):
+    """`12.3 MiB/s` (rich's own rate column is in decimal units)."""
+
+    def render(self, task: Task) -> Text:
+        speed = task.finished_speed or task.speed
+        shown = "?" if speed is None else f"{human_size(int(speed))}/s"
+        return Text(shown, style="progress.data.speed")
 
 
 class _Bar:
@@ -49,8 +73,8 @@ def copy_progress(verb: str) -> Iterator[CopyProgress | None]:
         TextColumn("{task.description}"),
         BarColumn(),
         TextColumn("{task.fields[files]}/{task.fields[total_files]} files"),
-        DownloadColumn(binary_units=True),
-        TransferSpeedColumn(),
+        _Bytes(),
+        _Rate(),
         TimeRemainingColumn(),
     )
     with Progress(*columns, console=Console(stderr=True), transient=True) as progress:
@@ -87,8 +111,7 @@ def byte_progress(verb: str) -> Iterator[Callable[[int, int], None] | None]:
     if not _on_terminal():
         yield None
         return
-    columns = (TextColumn(verb), BarColumn(), DownloadColumn(binary_units=True),
-               TransferSpeedColumn(), TimeRemainingColumn())
+    columns = (TextColumn(verb), BarColumn(), _Bytes(), _Rate(), TimeRemainingColumn())
     with Progress(*columns, console=Console(stderr=True), transient=True) as progress:
         task = progress.add_task(verb, total=None)
 

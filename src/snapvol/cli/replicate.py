@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from snapvol.cli import complete
 from snapvol.cli.output import print_json
 from snapvol.cli.progress import byte_progress
 from snapvol.cli.sizes import human_size
@@ -12,8 +13,8 @@ from snapvol.image.replicate import replicate
 
 
 @click.command("replicate")
-@click.argument("src")
-@click.argument("dst")
+@click.argument("src", shell_complete=complete.image_path)
+@click.argument("dst", shell_complete=complete.image_path)
 @click.option("--create", is_flag=True, help="Make DST (the size of SRC) if it does not exist.")
 @click.option("--drop-local", is_flag=True,
               help="Drop snapshots taken on DST itself that SRC does not hold (without "

@@ -18,6 +18,7 @@ from typing import Any
 
 import click
 
+from snapvol.cli import complete
 from snapvol.cli.output import print_json, stream_output
 from snapvol.cli.progress import byte_progress
 from snapvol.cli.session import open_volume
@@ -51,9 +52,10 @@ def receive_facts(vol: Volume) -> dict[str, Any]:
 
 
 @click.command()
-@click.argument("image")
-@click.argument("snap")
-@click.option("--base", help="Send only the changes since this older snapshot.")
+@click.argument("image", shell_complete=complete.image_path)
+@click.argument("snap", shell_complete=complete.snapshot)
+@click.option("--base", shell_complete=complete.snapshot,
+              help="Send only the changes since this older snapshot.")
 @click.option("-o", "--output", "output", type=click.Path(dir_okay=False),
               help="Write the stream to this new file (never replaced: it appears only "
                    "when complete), or to a device or FIFO, instead of stdout.")
@@ -85,7 +87,7 @@ def send(image: str, snap: str, base: str | None, output: str | None, dry_run: b
 
 
 @click.command("receive")
-@click.argument("image")
+@click.argument("image", shell_complete=complete.image_path)
 @click.option("-i", "--input", "source", type=click.Path(dir_okay=False, exists=True),
               help="Read the stream from this file instead of stdin.")
 @click.option("--create", is_flag=True, help="Make IMAGE, the size of the source volume.")

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import click
 
+from snapvol.cli import complete
 from snapvol.cli.output import print_json
 from snapvol.cli.session import open_volume
 from snapvol.engine.compare import Comparison, MediaCheck, check_media, compare, users
@@ -95,8 +96,8 @@ def _media(vol: Volume, entry: SnapEntry | None) -> _Media:
 
 
 @click.command()
-@click.argument("src")
-@click.argument("dst")
+@click.argument("src", shell_complete=complete.image_at_snapshot)
+@click.argument("dst", shell_complete=complete.image_at_snapshot)
 @click.option("--deep", is_flag=True,
               help="Also read every block of both sides and check its digest against the "
                    "one its tree records (slow: all the data is read).")

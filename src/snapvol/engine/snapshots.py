@@ -9,6 +9,7 @@ makes the snapshot's inode file the active one; every other snapshot stays.
 from __future__ import annotations
 
 import errno
+import logging
 import time
 import uuid as uuidlib
 from dataclasses import dataclass, replace
@@ -52,6 +53,7 @@ from snapvol.planes.plane import (
 if TYPE_CHECKING:
     from snapvol.engine.volume import Volume
 
+log = logging.getLogger("snapvol.engine")
 
 class SnapshotError(SnapvolError):
     """A snapshot operation refused. Each kind of refusal is a subclass whose `errno` is
@@ -235,7 +237,9 @@ def create(vol: Volume, name: str, shadow: bool = False, source: str | None = No
             raise SnapshotError("only a shadow snapshot can be made from another snapshot")
         slot = table.free_slot()
         if shadow:
-            return _create_shadow(vol, name, slot, source)
+            entry = _create_shadow(vol, name, slot, source)
+            log.info("shadow snapshot %s made at CP %d", name, entry.cp_count)
+            return entry
         if vol.receive_blocks:
             # The snapshot's plane would hold the receive state's blocks, which its tree
             # roots do not reach (snapvol.image.receiver).
@@ -259,6 +263,7 @@ def create(vol: Volume, name: str, shadow: bool = False, source: str | None = No
         summary.clear_touched()
         vol.snaps_dirty = True
         vol.cp(force=True)
+        log.info("snapshot %s taken at CP %d", name, entry.cp_count)
         return entry
 
 
@@ -320,6 +325,7 @@ def rename(vol: Volume, old: str, new: str) -> None:
         table.slots[slot] = replace(e, name=new)
         vol.snaps_dirty = True
         vol.cp(force=True)
+        log.info("snapshot %s renamed to %s", old, new)
 
 
 def delete(vol: Volume, name: str) -> int:
@@ -332,7 +338,9 @@ def delete(vol: Volume, name: str) -> int:
             return 0
         slot, entry = found
         if entry.shadow:
-            return _delete_shadow(vol, slot)
+            freed = _delete_shadow(vol, slot)
+            log.info("shadow snapshot %s deleted", name)
+            return freed
         free_before = vol.alloc.free if vol.alloc is not None else 0
         gone = snapshot_plane(vol, entry).nonzero_blocks()
         del table.slots[slot]
@@ -360,7 +368,9 @@ def delete(vol: Volume, name: str) -> int:
         vol.alloc.recount()
         vol.snaps_dirty = True
         vol.cp(force=True)
-        return vol.alloc.free - free_before
+        freed = vol.alloc.free - free_before
+        log.info("snapshot %s deleted: %d blocks freed", name, freed)
+        return freed
 
 
 def _delete_shadow(vol: Volume, slot: int) -> int:

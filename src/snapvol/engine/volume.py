@@ -597,6 +597,7 @@ class Volume:
                            for st in self.slots)
         assert self.alloc is not None
         self.alloc.commit()
+        log.info("CP %d committed", self.root.cp_count)
 
     _writing: CPWriter | None = None
     _placed_root: RootRecord | None = None

@@ -55,7 +55,8 @@ _XATTR_SKIP = frozenset({errno.EPERM, errno.EACCES, errno.ENOTSUP, errno.EOPNOTS
 
 @dataclass(slots=True)
 class CopyStats:
-    """What one copy made, by kind of entry; `bytes` counts file data, not holes."""
+    """What one copy made, by kind of entry; `size` counts the regular files' lengths
+    (holes included, each inode once), `bytes` only their data."""
 
     files: int = 0
     directories: int = 0
@@ -63,6 +64,7 @@ class CopyStats:
     specials: int = 0  # FIFOs, sockets, device nodes
     hardlinks: int = 0  # names made as another link to an inode copied earlier
     bytes: int = 0
+    size: int = 0
 
     @property
     def entries(self) -> int:
@@ -74,10 +76,12 @@ class Progress(Protocol):
     """Where a copy reports how far it got (the CLI draws a bar from it)."""
 
     def start(self, files: int, nbytes: int) -> None:
-        """The totals, announced once before copying starts."""
+        """The totals, announced once before copying starts: regular files and their
+        bytes (holes included), each inode once, as `CopyStats.files` and `.size` count
+        them when the copy is done."""
 
     def advance(self, files: int = 0, nbytes: int = 0) -> None:
-        """`files` more entries done, `nbytes` more bytes of file data (holes included)."""
+        """`files` more regular files done, `nbytes` more of their bytes (holes included)."""
 
 
 def _host_error(err: OSError, path: bytes, hint: str = "") -> FsError:
@@ -156,28 +160,28 @@ def _data_blocks(st: os.stat_result) -> int:
 
 
 def _host_totals(src: bytes, st: os.stat_result) -> tuple[int, int, int]:
-    """(entries, bytes of regular files, the fewest blocks their data takes) under a
-    host path: the progress bar's totals and the space a put needs at least."""
-    files, nbytes, blocks = 1, 0, 0
+    """(regular files, their bytes, the fewest blocks their data takes) under a host
+    path, each inode once: the progress bar's totals and the space a put needs at least."""
+    files, nbytes, blocks = 0, 0, 0
     if stat.S_ISREG(st.st_mode):
-        nbytes, blocks = st.st_size, _data_blocks(st)
+        files, nbytes, blocks = 1, st.st_size, _data_blocks(st)
     seen: set[tuple[int, int]] = set()  # hard links take their inode's blocks once
     todo = [src] if stat.S_ISDIR(st.st_mode) else []
     while todo:
         try:
             with os.scandir(todo.pop()) as it:
                 for entry in it:
-                    files += 1
                     if entry.is_dir(follow_symlinks=False):
                         todo.append(entry.path)
                     elif entry.is_file(follow_symlinks=False):
                         est = entry.stat(follow_symlinks=False)
-                        nbytes += est.st_size
                         key = (est.st_dev, est.st_ino)
                         if est.st_nlink > 1:
                             if key in seen:
                                 continue
                             seen.add(key)
+                        files += 1
+                        nbytes += est.st_size
                         blocks += _data_blocks(est)
         except OSError:
             continue  # the copy itself will report it
@@ -232,11 +236,13 @@ class _Copier:
         self.stats = CopyStats()
         self.current = b""  # the path being copied, for error messages
 
-    def _advance(self, mode: int, nbytes: int = 0) -> None:
+    def _advance(self, mode: int) -> None:
+        """One more entry made (`mode` 0: a hard link); a regular file's bytes were
+        reported as they were copied."""
         if mode:
             _count_kind(mode, self.stats)
-        if self.progress is not None:
-            self.progress.advance(1, nbytes)
+        if self.progress is not None and stat.S_ISREG(mode):
+            self.progress.advance(1, 0)
 
 
 class _Putter(_Copier):
@@ -275,13 +281,14 @@ class _Putter(_Copier):
             if st.st_nlink > 1 and key in self.links:
                 fs.link(self.links[key], parent, name)
                 self.stats.hardlinks += 1
-                self._advance(0, st.st_size if stat.S_ISREG(mode) else 0)
+                self._advance(0)
                 continue
             length = None
             if stat.S_ISREG(mode):
                 ino = fs.create(parent, name, stat.S_IMODE(mode), st.st_uid, st.st_gid).ino
                 self.created = True
                 length = self._put_data(path, ino, st.st_size)
+                self.stats.size += length
             elif stat.S_ISLNK(mode):
                 ino = fs.symlink(parent, name, os.readlink(path), st.st_uid, st.st_gid).ino
             else:
@@ -401,13 +408,19 @@ def _remove_host(path: bytes) -> None:
 
 
 def _volume_totals(fs: FileSystem, tops: list[Stat]) -> tuple[int, int]:
-    """(entries, bytes of regular files) under volume inodes, for the progress bar."""
+    """(regular files, their bytes) under volume inodes, each inode once, for the
+    progress bar."""
     files, nbytes = 0, 0
     todo = list(tops)
+    seen: set[int] = set()
     while todo:
         st = todo.pop()
-        files += 1
         if stat.S_ISREG(st.mode):
+            if st.nlink > 1:
+                if st.ino in seen:
+                    continue
+                seen.add(st.ino)
+            files += 1
             nbytes += st.size
         elif st.is_dir:
             todo.extend(fs.getattr(child) for _, child, _, _ in fs.iterdir(st.ino))
@@ -450,7 +463,7 @@ class _Getter(_Copier):
                 os.link(self.links[ino], path, follow_symlinks=False)
                 self._made(path, dest)
                 self.stats.hardlinks += 1
-                self._advance(0, st.size if stat.S_ISREG(mode) else 0)
+                self._advance(0)
                 continue
             self._make(ino, st, path)
             self._made(path, dest)
@@ -466,6 +479,7 @@ class _Getter(_Copier):
         mode = st.mode
         if stat.S_ISREG(mode):
             self._get_data(ino, st.size, path)
+            self.stats.size += st.size
         elif stat.S_ISLNK(mode):
             os.symlink(self.fs.readlink(ino), path)
         elif stat.S_ISFIFO(mode):

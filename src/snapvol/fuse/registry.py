@@ -36,6 +36,7 @@ class MountEntry:
     started_ns: int
 
     start_ticks: int = 0  # the process's start time (/proc/PID/stat), 0 if unknown
+    log: str = ""  # where the process logs: a file's path, "journal" or "stderr"
 
     @property
     def alive(self) -> bool:
@@ -57,13 +58,15 @@ class MountEntry:
 @dataclass(frozen=True, slots=True)
 class StaleMount:
     """A snapvol mount whose process is gone; `image`, `pid`, `read_only` and
-    `started_ns` are known if the dead process left its registry entry here."""
+    `started_ns` are known if the dead process left its registry entry here, and `log`,
+    where it logged (what it said before it went), if it was a version that told."""
 
     mountpoint: str
     image: str | None = None
     pid: int | None = None
     read_only: bool | None = None
     started_ns: int | None = None
+    log: str | None = None
 
 
 def process_start(pid: int) -> tuple[str, int] | None:
@@ -184,7 +187,7 @@ def stale() -> list[StaleMount]:
             continue
         e = dead.get(mountpoint)
         out.append(StaleMount(mountpoint) if e is None else StaleMount(
-            mountpoint, e.image, e.pid, e.read_only, e.started_ns))
+            mountpoint, e.image, e.pid, e.read_only, e.started_ns, e.log or None))
     return out
 
 

@@ -60,6 +60,9 @@ MOUNT_DIRTY_LIMIT = 64 << 20
 to twice this is held: one CP on its way to disk and the next one collecting. A smaller
 set of request buffers is reused sooner (new memory costs a page fault per 4 KiB, which
 on a virtual machine can cost more than the data's copy), and each CP is short."""
+KERNEL_FLAGS = frozenset({"nosuid", "nodev", "noexec"})
+"""Mount flags passed through libfuse to the kernel, which applies them to the mount point
+as it does for any file system (`mount.fuse.snapvol` takes them from an fstab line)."""
 
 
 class MountError(SnapvolError):
@@ -68,10 +71,11 @@ class MountError(SnapvolError):
 
 class _Mount:
     def __init__(self, image: str, mountpoint: str, vol: Volume, ops: SnapvolOperations,
-                 sock: str, readahead_kib: int) -> None:
+                 sock: str, readahead_kib: int, log_to: str) -> None:
         self.image, self.mountpoint, self.vol, self.ops, self.sock = (
             image, mountpoint, vol, ops, sock)
         self.readahead_kib = readahead_kib
+        self.log_to = log_to
         self.stopping = False
         self._refresh_error = ""
         self._refreshing = trio.Lock()  # one refresh (and its notifications) at a time
@@ -298,7 +302,7 @@ class _Mount:
             started = registry.process_start(os.getpid())
             registry.register(registry.MountEntry(
                 self.image, self.mountpoint, os.getpid(), self.sock, not self.vol.writable,
-                time.time_ns(), 0 if started is None else started[1]))
+                time.time_ns(), 0 if started is None else started[1], self.log_to))
             nursery.start_soon(self.announce, ready)
             await pyfuse3.main()
             nursery.cancel_scope.cancel()
@@ -343,19 +347,34 @@ def _run_checker(argv: list[str], root: bytes, running: list[subprocess.Popen[by
     return proc.returncode, out, err
 
 
+def _fsname(image: str) -> str:
+    """The image's path as the mount's source (`df`, /proc/mounts), so `mount -a` and
+    systemd see an fstab line's mount as made (libfuse splits options at commas: escaped);
+    plain "snapvol" for a path that is not UTF-8."""
+    try:
+        image.encode()
+    except UnicodeEncodeError:
+        return "snapvol"
+    return image.replace("\\", "\\\\").replace(",", "\\,")
+
+
 def serve(image: str, mountpoint: str, *, read_only: bool = False,
           cp_interval: float | None = None, allow_other: bool = False,
-          readahead_kib: int = readahead.DEFAULT_KIB,
-          ready: Callable[[], None] = lambda: None) -> None:
+          readahead_kib: int = readahead.DEFAULT_KIB, kernel_flags: frozenset[str] = frozenset(),
+          log_to: str = "", ready: Callable[[], None] = lambda: None) -> None:
     """Mount `image` on `mountpoint` and serve it until unmounted or signalled. `ready` is
     called once the mount answers requests. `readahead_kib` is the kernel's readahead
-    window for the mount's files (0: the kernel's default)."""
+    window for the mount's files (0: the kernel's default). `kernel_flags` are mount
+    flags the kernel applies to the mount point (nosuid, nodev, noexec: KERNEL_FLAGS).
+    `log_to` says where this process logs, for `snapvol mounts` (the caller set it up)."""
     image, mountpoint = check_mount(image, mountpoint, cp_interval, readahead_kib)
     sock = registry.socket_path(image)
     vol = Volume.open(image, writable=not read_only)
     try:
         ops = SnapvolOperations(vol)
-        options = set(pyfuse3.default_options) | {"fsname=snapvol", "subtype=snapvol"}
+        options = set(pyfuse3.default_options) | {f"fsname={_fsname(image)}",
+                                                   "subtype=snapvol"}
+        options |= KERNEL_FLAGS.intersection(kernel_flags)
         if read_only:
             options.add("ro")
         if allow_other:
@@ -373,13 +392,14 @@ def serve(image: str, mountpoint: str, *, read_only: bool = False,
         vol.background_cp = True  # requests go on while a CP is written
         vol.dirty_limit = MOUNT_DIRTY_LIMIT
         vol.start_cp_timer(cp_interval)
-    mount = _Mount(image, mountpoint, vol, ops, sock, readahead_kib)
+    mount = _Mount(image, mountpoint, vol, ops, sock, readahead_kib, log_to)
     try:
         trio.run(mount.run, ready)
     finally:
         try:
             ops.close_handles()
             vol.close()
+            log.info("unmounted %s from %s at CP %d", image, mountpoint, vol.root.cp_count)
         finally:
             pyfuse3.close(unmount=True)
             registry.unregister(image, os.getpid())
