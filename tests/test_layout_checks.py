@@ -198,11 +198,11 @@ def entry_bytes() -> bytearray:
 
 
 @pytest.mark.parametrize(("offset", "value", "says"), [
-    (0, struct.pack("<I", 9), "unknown flags 0x8"),
+    (0, struct.pack("<I", 17), "unknown flags 0x10"),
     (4, struct.pack("<H", 0), "name length 0"),
     (6, b"\x01", "impossible fields"),
     (40, struct.pack("<Q", 0), "id 0"),
-    (50, b"\x01", "byte 50 is 0x01"),
+    (50, b"\x01", "a replication target on an entry that is no replication snapshot"),
     (64 + 16, bytes([7]), "tree 0: tree height 7"),
     (200, b"\x01", "byte 200"),
     (256, b"\xff", "the name is not UTF-8"),

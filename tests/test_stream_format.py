@@ -398,7 +398,7 @@ def _entry_field(chunks: list[bytes], entry: int, fmt: str, at: int,
     (0, "<Q", 64, 2, "outside the volume"),  # ... or on a root slot
     (0, "<B", 64 + 16, 6, "height 6"),  # a tree taller than the format allows
     (0, "<Q", 96 + 24, 4, "a plane of 4 blocks"),  # the active plane past the volume
-    (0, "<Q", 64, 0, "a hole with a checksum"),
+    (0, "<Q", 64, 0, "a hole (pointer )?with (a )?checksum"),
     (0, "<Q", 64 + 24, 0, "has no inode file"),
     (0, "<Q", 160 + 24, 33, "snapshot table of 33 blocks"),
 ])
