@@ -343,7 +343,7 @@ def receive(vol: Volume, chunks: Source, progress: Progress | None = None,
     if selection.nblocks != vol.nblocks:
         selection = selection.resized(vol.nblocks)
     with vol.mutex:
-        resumed, dropped = _admit(vol, header, items, selection, drop_local)
+        resumed, dropped = _check_and_pin(vol, header, items, selection, drop_local)
     done_before = vol.receive_done if resumed else 0
     total = dec.offset + count_from(selection, header.resume_from) * (BLOCK_SIZE + 1)
     written_to, pending, nblocks = done_before, 0, 0
@@ -645,8 +645,8 @@ def _stream_kept(items: tuple[TableItem, ...]) -> set[bytes]:
     return {i.entry.guid for i in items if not i.entry.shadow}
 
 
-def _admit(vol: Volume, header: StreamHeader, items: tuple[TableItem, ...],
-           selection: Plane, drop_local: bool) -> tuple[bool, list[str]]:
+def _check_and_pin(vol: Volume, header: StreamHeader, items: tuple[TableItem, ...],
+                   selection: Plane, drop_local: bool) -> tuple[bool, list[str]]:
     """Check the stream against the destination and, for a new receive, pin its blocks.
     Returns (resuming?, destination snapshots dropped). Raises before writing anything."""
     path = vol.path
