@@ -44,7 +44,8 @@ from snapvol.device import CrashPoint, FaultyDevice, MemoryDevice
 from snapvol.engine import snapshots
 from snapvol.engine.cpwriter import CPWriter
 from snapvol.engine.fsck import check
-from snapvol.engine.volume import Volume, load_plane
+from snapvol.engine.metafile import load_plane
+from snapvol.engine.volume import Volume
 from snapvol.errors import SnapvolError
 from snapvol.fs import FileSystem
 from snapvol.layout.constants import FIRST_DATA_VBN, ROOT_SLOT_VBNS

@@ -16,7 +16,7 @@ from snapvol.device import (
     CrashPoint,
     Device,
     FaultyDevice,
-    ImageDevice,
+    FileDevice,
     MemoryDevice,
     create_image,
     open_device,
@@ -173,13 +173,13 @@ def test_huge_sparse_image(tmp_path: Path) -> None:
 def test_missing_image_message(tmp_path: Path) -> None:
     path = tmp_path / "absent.img"
     with pytest.raises(VolumeError) as info:
-        ImageDevice(path, writable=False)
+        FileDevice(path, writable=False)
     assert str(info.value) == f"no such image: {path}"
 
 
 def test_directory_refused(tmp_path: Path) -> None:
     with pytest.raises(VolumeError) as info:
-        ImageDevice(tmp_path, writable=True)
+        FileDevice(tmp_path, writable=True)
     message = str(info.value)
     assert str(tmp_path) in message and "directory" in message and "\n" not in message
 

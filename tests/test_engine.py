@@ -17,7 +17,7 @@ from conftest import assert_fsck_clean, new_memory_volume, read_tree
 from snapvol.device import MemoryDevice
 from snapvol.engine import snapshots
 from snapvol.engine.fsck import check
-from snapvol.engine.snapshots import SnapshotError
+from snapvol.engine.snaptable import SnapshotError
 from snapvol.engine.volume import Volume
 from snapvol.errors import CorruptionError, FsError, LockedError, VolumeError
 from snapvol.fs import FileSystem
@@ -344,7 +344,7 @@ def test_deleting_a_snapshot_reuses_its_blocks_only_after_the_commit() -> None:
     entry = snapshots.create(vol, "s")
     fs.unlink(ROOT_INO, "a")
     vol.cp()
-    held = set(snapshots.snapshot_plane(vol, entry).members().tolist())
+    held = set(snapshots.plane_of(vol, entry).members().tolist())
     only_snapshot = held - set(vol.active_plane.members().tolist())
     assert len(only_snapshot) >= 64
     fs.write_file("/b", b"".join(block_of(100 + j) for j in range(32)))  # for the delete CP

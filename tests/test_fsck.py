@@ -21,7 +21,8 @@ from fusemount import mounted_volume, needs_fuse
 from snapvol.engine import snapshots
 from snapvol.engine.blockio import BlockIO
 from snapvol.engine.fsck import Pacer, Target, check, check_root, check_target
-from snapvol.engine.volume import Volume, load_plane, read_root_slots
+from snapvol.engine.metafile import load_plane
+from snapvol.engine.volume import Volume, read_root_slots
 from snapvol.errors import VolumeError
 from snapvol.fs import FileSystem
 from snapvol.layout.constants import (

@@ -34,7 +34,7 @@ from model import (
 )
 from snapvol.device import MemoryDevice
 from snapvol.engine import snapshots
-from snapvol.engine.snapshots import SnapshotError
+from snapvol.engine.snaptable import SnapshotError
 from snapvol.engine.volume import Volume
 from snapvol.errors import FsError
 from snapvol.fs import FileSystem

@@ -20,7 +20,7 @@ import pytest
 
 from conftest import assert_fsck_clean, new_memory_volume
 from snapvol import image
-from snapvol.engine import snapshots
+from snapvol.engine import snapshots, snaptable
 from snapvol.engine.volume import Volume
 from snapvol.errors import FsError, SnapvolError
 from snapvol.fs import FileSystem
@@ -148,7 +148,7 @@ def test_new_snapshot_names_are_refused_with_the_rule(bad: str) -> None:
     _, vol = new_memory_volume()
     snapshots.create(vol, "ok")
     for make in (lambda: snapshots.create(vol, bad), lambda: snapshots.rename(vol, "ok", bad)):
-        with pytest.raises(snapshots.InvalidSnapshotName) as info:
+        with pytest.raises(snaptable.InvalidSnapshotName) as info:
             make()
         assert info.value.errno == errno.EINVAL
         assert "letters, digits and the characters . _ - : +" in str(info.value)
@@ -170,7 +170,7 @@ def _legacy(vol: Volume, name: str) -> None:
     slot, entry = vol.snapshots.find("legacy") or (0, None)
     assert entry is not None
     vol.snapshots.slots[slot] = dataclasses.replace(entry, name=name)
-    vol.snaps_dirty = True
+    vol.table_changed()
     vol.cp(force=True)
 
 
@@ -224,12 +224,12 @@ def test_snapshot_refusals_carry_their_errno() -> None:
         (errno.ENOENT, lambda: snapshots.rename(vol, "nope", "new")),
     ]
     for err, call in cases:
-        with pytest.raises(snapshots.SnapshotError) as info:
+        with pytest.raises(snaptable.SnapshotError) as info:
             call()
         assert info.value.errno == err, info.value
     for i in range(1, 255):
         snapshots.create(vol, f"s{i}")
-    with pytest.raises(snapshots.SnapshotLimit) as full:
+    with pytest.raises(snaptable.SnapshotLimit) as full:
         snapshots.create(vol, "one-more")
     assert full.value.errno == errno.ENOSPC and "limit is 255" in str(full.value)
 

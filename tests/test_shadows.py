@@ -28,7 +28,8 @@ from conftest import assert_fsck_clean, new_memory_volume
 from snapvol.cli.main import main
 from snapvol.device import FaultyDevice, MemoryDevice
 from snapvol.engine import snapshots
-from snapvol.engine.snapshots import SnapshotError, plane_of, snapshot_plane
+from snapvol.engine.snapshots import plane_of
+from snapvol.engine.snaptable import SnapshotError
 from snapvol.engine.volume import Volume
 from snapvol.errors import FsError
 from snapvol.fs import FileSystem
@@ -107,7 +108,7 @@ class ShadowMachine(RuleBasedStateMachine):
         if source is None:
             plane = self.vol.active_plane.copy()
         else:
-            plane = snapshot_plane(self.vol, self.vol.snapshots.get(source))
+            plane = plane_of(self.vol, self.vol.snapshots.get(source))
         plane.clear_range(0, 3)  # the superblock and root slots are never in a shadow
         try:
             snapshots.create(self.vol, name, shadow=True, source=source)
@@ -144,7 +145,7 @@ class ShadowMachine(RuleBasedStateMachine):
         assert vol.alloc is not None
         # Invariant 5: free iff in no plane; a shadow is not one of the planes that pin.
         assert vol.alloc.free == count_free(vol.active_plane, vol.summary_plane)
-        later = [snapshot_plane(vol, e) for e in vol.snapshots.regular()]
+        later = [plane_of(vol, e) for e in vol.snapshots.regular()]
         for name, (taken, then) in self.shadows.items():
             entry = vol.snapshots.get(name)
             now = plane_of(vol, entry)
@@ -217,7 +218,7 @@ def test_incremental_from_shadow_rebuilds_the_later_snapshot() -> None:
     fs.unlink(ROOT_INO, b"f3")
     snapshots.create(vol, "later")
     entry = vol.snapshots.get("later")
-    later = snapshot_plane(vol, entry)
+    later = plane_of(vol, entry)
     delta = difference(later, plane_of(vol, vol.snapshots.get("base")))
     assert delta.count() < later.count() // 2  # most blocks are not sent at all
     delta.clear_range(0, 3)  # the superblock and root slots are never sent as blocks
@@ -254,7 +255,7 @@ def test_shadow_from_snapshot_keeps_identity(mem_volume: Volume) -> None:
     snap = snapshots.create(mem_volume, "s")
     shadow = snapshots.create(mem_volume, "s.shadow", shadow=True, source="s")
     assert (shadow.guid, shadow.cp_count) == (snap.guid, snap.cp_count)
-    want = snapshot_plane(mem_volume, snap)
+    want = plane_of(mem_volume, snap)
     want.clear_range(0, 3)
     assert plane_of(mem_volume, shadow) == want
     snapshots.delete(mem_volume, "s")
@@ -288,10 +289,10 @@ def test_fsck_names_a_tampered_shadow(mem_volume: Volume) -> None:
     snapshots.create(mem_volume, "s")
     snapshots.create(mem_volume, "x", shadow=True, source="s")
     slot = mem_volume.snapshots.slot_of(mem_volume.snapshots.get("x"))
-    held = snapshot_plane(mem_volume, mem_volume.snapshots.get("s")).members()
+    held = plane_of(mem_volume, mem_volume.snapshots.get("s")).members()
     assert shadows.clear_reused(mem_volume.snap_tree, [slot], held[held >= 3][:1],
                                 mem_volume.active_plane.plane_blocks) == 1
-    mem_volume.snaps_dirty = True
+    mem_volume.table_changed()
     mem_volume.cp()
     report = check(mem_volume)
     assert any("shadow snapshot 'x'" in p and "differs" in p for p in report.problems)

@@ -66,7 +66,7 @@ def test_listing_holds_a_few_planes_and_counts_right(volume: Volume) -> None:
     assert peak < 3 * plane, f"snap list peaked at {peak / plane:.1f} planes"
     # The same figures from every plane at once (what the listing used to hold).
     entries = volume.snapshots.regular()
-    words = [snapshots.snapshot_plane(volume, e).words for e in entries]
+    words = [snapshots.plane_of(volume, e).words for e in entries]
     alone = []
     for i, w in enumerate(words):
         others = np.zeros_like(w)
@@ -109,4 +109,4 @@ def test_a_full_send_is_planned_from_runs_not_from_a_vbn_per_block(tmp_path: Pat
         p, peak = peak_of(lambda: image.plan(vol, "s"))
         assert peak < 12 * plane, f"planning peaked at {peak / plane:.1f} planes"
         assert p.nblocks > 65_536 and int(p.counts.sum()) == p.nblocks
-        assert p.nblocks == snapshots.snapshot_plane(vol, vol.snapshots.get("s")).count() - 3
+        assert p.nblocks == snapshots.plane_of(vol, vol.snapshots.get("s")).count() - 3

@@ -21,7 +21,7 @@ from conftest import assert_fsck_clean, read_tree
 from snapvol import image
 from snapvol.device import MemoryDevice
 from snapvol.engine import snapshots
-from snapvol.engine.snapshots import snapshot_plane
+from snapvol.engine.snapshots import plane_of
 from snapvol.engine.volume import Volume
 from snapvol.errors import VolumeError
 from snapvol.fs import FileSystem
@@ -463,8 +463,8 @@ def test_forged_planes_are_refused(pair: tuple[Volume, MemoryDevice, Volume]) ->
         image.receive(dst, [forged_plane(inc, 0, vbn, False)])
     assert state(dst) == before
     # A full stream of s1 carries s0: a block only s0 holds, claimed by s1's plane.
-    old_only = difference(snapshot_plane(src, src.snapshots.get("s0")),
-                          snapshot_plane(src, src.snapshots.get("s1")))
+    old_only = difference(plane_of(src, src.snapshots.get("s0")),
+                          plane_of(src, src.snapshots.get("s1")))
     old_only.clear_range(0, 3)
     victim = int(old_only.members()[0])
     _, fresh = new_volume()
@@ -573,10 +573,10 @@ def test_a_plane_that_marks_an_unreached_block_stops_the_send() -> None:
     leak = 6000
     assert not src.active_plane.test(leak)
     src.active_plane.set(leak)
-    src.snaps_dirty = True
+    src.table_changed()
     src.cp(force=True)
     snapshots.create(src, "s")
-    assert src.snapshots.get("s") and snapshot_plane(src, src.snapshots.get("s")).test(leak)
+    assert src.snapshots.get("s") and plane_of(src, src.snapshots.get("s")).test(leak)
     chunks = image.send(src, "s")
     with pytest.raises(SendError, match=f"block {leak} is in the plane of snapshot 's' .*"
                                         "no tree of theirs reaches it"):

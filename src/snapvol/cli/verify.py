@@ -19,8 +19,8 @@ from snapvol.cli import complete
 from snapvol.cli.output import print_json
 from snapvol.cli.session import open_volume
 from snapvol.engine.compare import Comparison, MediaCheck, check_media, compare, users
-from snapvol.engine.image import Image
-from snapvol.engine.snapshots import SnapshotError
+from snapvol.engine.inodefile import InodeFile
+from snapvol.engine.snaptable import SnapshotError
 from snapvol.engine.volume import Volume
 from snapvol.layout.records import TreeRoot
 from snapvol.layout.snaptable import SnapEntry
@@ -59,9 +59,9 @@ def _counterpart(vol: Volume, image: str, other: SnapEntry) -> SnapEntry:
                         f"name one with {image}@SNAPSHOT")
 
 
-def _image(vol: Volume, entry: SnapEntry | None) -> Image:
+def _image(vol: Volume, entry: SnapEntry | None) -> InodeFile:
     if entry is None:
-        return Image(vol.io, vol.root.inode_file)
+        return InodeFile(vol.io, vol.root.inode_file)
     return vol.snapshot_image(entry.name)
 
 

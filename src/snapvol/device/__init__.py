@@ -7,7 +7,7 @@ owner of a volume decides how it is shared, not the device.
 
 from snapvol.device.base import BLOCK_SIZE, Device
 from snapvol.device.faulty import CrashPoint, FaultyDevice
-from snapvol.device.image import ImageDevice, create_image, open_device, remove_created
+from snapvol.device.file import FileDevice, create_image, open_device, remove_created
 from snapvol.device.lock import VolumeLock
 from snapvol.device.memory import MemoryDevice
 
@@ -16,7 +16,7 @@ __all__ = [
     "CrashPoint",
     "Device",
     "FaultyDevice",
-    "ImageDevice",
+    "FileDevice",
     "MemoryDevice",
     "VolumeLock",
     "create_image",

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from snapvol.engine.blockio import BlockIO
-from snapvol.engine.image import Image, Node
+from snapvol.engine.inodefile import InodeFile, Node
 from snapvol.engine.reach import TREE_NAMES, DamagedBlock, Reach, image_trees
 from snapvol.engine.tree import BlockTree
 from snapvol.errors import SnapvolError
@@ -115,7 +115,7 @@ def same_root(a: TreeRoot, b: TreeRoot) -> bool:
 
 
 class _Compare:
-    def __init__(self, a: Image, b: Image, out: Comparison) -> None:
+    def __init__(self, a: InodeFile, b: InodeFile, out: Comparison) -> None:
         self.a, self.b, self.out = a, b, out
 
     def run(self) -> None:
@@ -168,11 +168,11 @@ class _Compare:
         return True
 
 
-def _entries(image: Image, node: Node) -> set[tuple[bytes, int, int]]:
+def _entries(image: InodeFile, node: Node) -> set[tuple[bytes, int, int]]:
     return {(name, ino, dtype) for name, ino, dtype, _ in image.readdir(node)}
 
 
-def compare(a: Image, b: Image) -> Comparison:
+def compare(a: InodeFile, b: InodeFile) -> Comparison:
     """Compare two images; paths of the first differences are filled in afterwards."""
     t0 = time.perf_counter()
     out = Comparison()
@@ -185,7 +185,7 @@ def compare(a: Image, b: Image) -> Comparison:
     return out
 
 
-def _with_paths(diffs: list[InodeDiff], a: Image, b: Image) -> list[InodeDiff]:
+def _with_paths(diffs: list[InodeDiff], a: InodeFile, b: InodeFile) -> list[InodeDiff]:
     """Name each differing inode by a path, searching the source's tree (then the
     destination's, for what only it holds) until all are found; only run when the
     images differ, so a match never pays for it."""
@@ -197,7 +197,7 @@ def _with_paths(diffs: list[InodeDiff], a: Image, b: Image) -> list[InodeDiff]:
     return [InodeDiff(d.ino, d.change, d.what, paths.get(d.ino)) for d in diffs]
 
 
-def find_paths(image: Image, want: set[int]) -> dict[int, str]:
+def find_paths(image: InodeFile, want: set[int]) -> dict[int, str]:
     """A path for each inode of `want` that a directory of `image` names (a search of
     the tree, stopping once all are found; damaged directories only cost their names)."""
     found: dict[int, str] = {}
@@ -287,7 +287,7 @@ def users(io: BlockIO, nblocks: int, trees: Sequence[TreeRoot], vbns: Sequence[i
     for name, root in zip(TREE_NAMES, trees, strict=False):
         for v in _hits(io, nblocks, root.ptr.vbn, root.ptr.csum, root.height, want):
             found[v].append(name)
-    image = Image(io, trees[0])
+    image = InodeFile(io, trees[0])
     by_ino: dict[int, set[int]] = {}
     for ino, rec in _inodes(image):
         for v in _hits(io, nblocks, 0, 0, rec.height, want, rec.ptrs):
@@ -315,7 +315,7 @@ def _hits(io: BlockIO, nblocks: int, vbn: int, csum: int, height: int, want: set
     return got
 
 
-def _inodes(image: Image) -> Iterator[tuple[int, Inode]]:
+def _inodes(image: InodeFile) -> Iterator[tuple[int, Inode]]:
     """Every allocated inode of `image` that can be read."""
     for blk in range(image.inode_blocks):
         try:

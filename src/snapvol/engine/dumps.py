@@ -11,14 +11,14 @@ from __future__ import annotations
 import stat
 import time
 
-from snapvol.engine.image import INODE_FLAG_SYSTEM, Image
+from snapvol.engine.inodefile import INODE_FLAG_SYSTEM, InodeFile
 from snapvol.engine.volume import Volume
 from snapvol.errors import VolumeError
 from snapvol.layout.constants import DUMPS_INO
 from snapvol.layout.dumps import CatalogError, DumpRecord, decode_catalog, encode_catalog
 
 
-def catalog(image: Image) -> list[DumpRecord]:
+def catalog(image: InodeFile) -> list[DumpRecord]:
     """The dumps recorded in `image`, oldest first ([] before the first dump)."""
     if not image.exists(DUMPS_INO):
         return []

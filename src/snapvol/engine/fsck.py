@@ -33,19 +33,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from snapvol.device import Device, ImageDevice
+from snapvol.device import Device, FileDevice
 from snapvol.device.base import Buffer
 from snapvol.engine import shadows
 from snapvol.engine.blockio import DAMAGE_ADVICE, BlockIO
-from snapvol.engine.image import INODE_FLAG_SYSTEM, INODE_FLAG_XATTR, Image, Node
-from snapvol.engine.volume import (
-    SlotState,
-    Volume,
-    load_plane,
-    read_root_slots,
-    slot_problems,
-    tree_of,
-)
+from snapvol.engine.inodefile import INODE_FLAG_SYSTEM, INODE_FLAG_XATTR, InodeFile, Node
+from snapvol.engine.metafile import load_plane, tree_of
+from snapvol.engine.volume import SlotState, Volume, read_root_slots, slot_problems
 from snapvol.errors import CorruptionError, SnapvolError, VolumeError
 from snapvol.layout.constants import (
     BLOCK_SIZE,
@@ -199,7 +193,7 @@ def check_root(path: str, root: bytes, pacer: Pacer | None = None) -> FsckReport
     at `path`, opened read-only on a descriptor of its own and without the volume lock:
     the online check, run in a process of its own beside the mount that owns the volume
     and holds that root's blocks against reuse (Volume.hold_committed) meanwhile."""
-    dev = ImageDevice(path, writable=False)
+    dev = FileDevice(path, writable=False)
     try:
         sb = Superblock.decode(dev.read(SUPERBLOCK_VBN))
         _, slots = read_root_slots(dev, sb, path)
@@ -245,7 +239,7 @@ class _ImageCheck:
         self.verified, self.bad = verified, bad
         self.trees = trees
         self.reach = Plane.zeros(target.nblocks)
-        self.image = Image(target.io, trees[0])
+        self.image = InodeFile(target.io, trees[0])
         self.table_data = _Data()
 
     def problem(self, what: str) -> None:

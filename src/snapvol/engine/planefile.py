@@ -17,8 +17,8 @@ import numpy as np
 import numpy.typing as npt
 
 from snapvol.engine.blockio import BlockIO
+from snapvol.engine.metafile import tree_of
 from snapvol.engine.tree import ZERO_BLOCK, BlockTree
-from snapvol.engine.volume import tree_of
 from snapvol.layout.constants import PTRS_PER_BLOCK
 from snapvol.layout.records import TreeRoot
 from snapvol.planes import Plane
@@ -32,15 +32,11 @@ Rows = npt.NDArray[np.uint64]
 """Plane blocks as rows of `WORDS_PER_PLANE_BLOCK` words."""
 
 
-def open_plane(io: BlockIO, root: TreeRoot) -> BlockTree:
-    """A read-only tree of a plane file, for `present_rows`. It keeps the indirect blocks
-    it loads (1/256 of the plane file) until dropped."""
-    return tree_of(io, root)
-
-
 def present_rows(tree: BlockTree, first: int, count: int) -> tuple[npt.NDArray[np.intp], Rows]:
-    """The plane blocks of [first, first+count) that are stored (not holes): their indexes
-    relative to `first`, and their words as rows (a new array, one row per block)."""
+    """The plane blocks of [first, first+count) that are stored (not holes) in the plane
+    file `tree` (`metafile.tree_of`; it keeps the indirect blocks it loads, 1/256 of the
+    file, until dropped): their indexes relative to `first`, and their words as rows (a
+    new array, one row per block)."""
     datas = tree.read_blocks(first, count)
     at = [i for i, d in enumerate(datas) if d is not ZERO_BLOCK]
     if not at:
@@ -64,7 +60,7 @@ def or_into(acc: Plane, io: BlockIO, root: TreeRoot,
     """OR the plane file at `root` into `acc` (in the steps holding plane blocks `only`,
     when given). `acc`'s dirty marks are left alone: it is a scratch plane."""
     rows = acc.words.reshape(-1, WORDS_PER_PLANE_BLOCK)
-    tree = open_plane(io, root)
+    tree = tree_of(io, root)
     last = acc.plane_blocks - 1
     for first, count in _ranges(acc.plane_blocks, only):
         at, words = present_rows(tree, first, count)
@@ -85,7 +81,7 @@ def union_of(io: BlockIO, roots: list[TreeRoot], nblocks: int) -> Plane:
 def overlaps(io: BlockIO, root: TreeRoot, plane: Plane) -> bool:
     """Whether the plane file at `root` shares a block with `plane`."""
     rows = plane.words.reshape(-1, WORDS_PER_PLANE_BLOCK)
-    tree = open_plane(io, root)
+    tree = tree_of(io, root)
     for first, count in _ranges(plane.plane_blocks, plane.nonzero_blocks()):
         at, words = present_rows(tree, first, count)
         if at.size and (rows[first + at] & words).any():

@@ -27,9 +27,11 @@ from collections.abc import Iterable
 
 import numpy as np
 
-from snapvol.engine.tree import ZERO_BLOCK, BlockTree
+from snapvol.engine.metafile import plane_in
+from snapvol.engine.tree import BlockTree
 from snapvol.layout.constants import SNAP_TABLE_BLOCKS
 from snapvol.planes import BITS_PER_PLANE_BLOCK, Plane
+from snapvol.planes.plane import plane_blocks_for
 
 SHADOW_BASE = SNAP_TABLE_BLOCKS
 """First file block of the snapshot table file that holds shadow planes."""
@@ -42,16 +44,7 @@ def plane_fbn(slot: int, pb: int, plane_blocks: int) -> int:
 
 def load(tree: BlockTree, slot: int, nblocks: int) -> Plane:
     """The plane of the shadow in `slot`, read from a snapshot table file's tree."""
-    plane = Plane.zeros(nblocks)
-    first = plane_fbn(slot, 0, plane.plane_blocks)
-    step = 256
-    for lo in range(0, plane.plane_blocks, step):
-        count = min(step, plane.plane_blocks - lo)
-        for i, data in enumerate(tree.read_blocks(first + lo, count)):
-            if data is not ZERO_BLOCK:
-                plane.load_block(lo + i, data)
-    plane.mark_clean()
-    return plane
+    return plane_in(tree, nblocks, plane_fbn(slot, 0, plane_blocks_for(nblocks)))
 
 
 def store(tree: BlockTree, slot: int, plane: Plane) -> None:
@@ -101,7 +94,7 @@ def clear_reused(tree: BlockTree, slots: Iterable[int], vbns: np.ndarray,
                 continue
             cleared += int(np.count_nonzero(hit))
             np.bitwise_and.at(words, index, ~masks)
-            if not words.any() and (0, fbn) not in tree.fresh:
+            if not words.any() and (0, fbn) not in tree.placed:
                 tree.punch_block(fbn)
             else:
                 tree.write_block(fbn, words.tobytes())

@@ -1,4 +1,5 @@
-"""Snapshots: the table, and create / delete / rename / restore on a volume.
+"""Snapshots: create / delete / rename / restore on a volume (the table itself is in
+engine/snaptable.py).
 
 Creating a snapshot commits a CP, records that CP's root in the table and ORs the active
 plane into the summary plane; no block is copied (DESIGN.md §3.4). Deleting one drops its
@@ -8,29 +9,24 @@ makes the snapshot's inode file the active one; every other snapshot stays.
 
 from __future__ import annotations
 
-import errno
 import logging
 import time
 import uuid as uuidlib
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
 
 import numpy as np
 
-from snapvol.engine import planefile
-from snapvol.engine.image import Image
-from snapvol.engine.tree import BlockTree
-from snapvol.errors import FsError, SnapvolError
-from snapvol.layout import names as name_rules
-from snapvol.layout.constants import (
-    BLOCK_SIZE,
-    FIRST_DATA_VBN,
-    MAX_SNAP_ID,
-    MAX_SNAPSHOTS,
-    SNAP_ENTRIES_PER_BLOCK,
-    SNAP_ENTRY_SIZE,
-    SNAP_TABLE_BLOCKS,
+from snapvol.engine import planefile, shadows
+from snapvol.engine.metafile import load_plane, tree_of
+from snapvol.engine.snaptable import (
+    SnapshotBusy,
+    SnapshotError,
+    SnapshotExists,
+    check_snapshot_name,
 )
+from snapvol.engine.volume import Volume
+from snapvol.errors import FsError
+from snapvol.layout.constants import FIRST_DATA_VBN
 from snapvol.layout.records import TreeRoot
 from snapvol.layout.snaptable import (
     NO_VOLUME,
@@ -50,155 +46,8 @@ from snapvol.planes.plane import (
     bit_positions,
 )
 
-if TYPE_CHECKING:
-    from snapvol.engine.volume import Volume
-
 log = logging.getLogger("snapvol.engine")
 
-class SnapshotError(SnapvolError):
-    """A snapshot operation refused. Each kind of refusal is a subclass whose `errno` is
-    what the mount answers for it (`mkdir .snapshot/NAME` and friends); the CLI prints the
-    message and exits 2 for all of them."""
-
-    errno: int = errno.EINVAL
-
-    def __init__(self, message: str, err: int | None = None) -> None:
-        super().__init__(message)
-        if err is not None:
-            self.errno = err
-
-
-class SnapshotNotFound(SnapshotError):
-    """No snapshot has that name."""
-
-    errno = errno.ENOENT
-
-
-class SnapshotExists(SnapshotError):
-    """A snapshot of that name exists already."""
-
-    errno = errno.EEXIST
-
-
-class SnapshotLimit(SnapshotError):
-    """The table is full (MAX_SNAPSHOTS)."""
-
-    errno = errno.ENOSPC
-
-
-class SnapshotBusy(SnapshotError):
-    """The volume is in a state that forbids it now (a partial receive is pending)."""
-
-    errno = errno.EBUSY
-
-
-class InvalidSnapshotName(SnapshotError):
-    """A name a new snapshot cannot take (snapvol.layout.names); EINVAL, or ENAMETOOLONG."""
-
-
-def check_snapshot_name(name: str) -> None:
-    """Refuse a name a new or renamed snapshot cannot take (snapvol.layout.names)."""
-    try:
-        name_rules.check_snapshot_name(name)
-    except name_rules.InvalidName as err:
-        raise InvalidSnapshotName(str(err), err.errno) from None
-
-
-class SnapshotTable:
-    """The in-memory snapshot table, written back into its file at a CP."""
-
-    def __init__(self, entries: dict[int, SnapEntry], next_id: int) -> None:
-        self.slots = entries  # slot -> entry
-        # The id the next snapshot gets. Ids only grow (the root record keeps this one),
-        # so a deleted snapshot's id, and the FUSE inode numbers made from it
-        # (`snap_id << 40 | ino`, which the kernel may still cache), never come back.
-        self.next_id = max([next_id, 1, *(e.snap_id + 1 for e in entries.values())])
-
-    @classmethod
-    def load(cls, tree: BlockTree, nblocks: int, next_id: int) -> SnapshotTable:
-        """The table in `tree`; `next_id` is the root record's next snapshot id (the
-        entries' ids are below it, unless the record predates it being kept)."""
-        entries: dict[int, SnapEntry] = {}
-        for blk in range(nblocks):
-            data = memoryview(tree.read_block(blk))
-            for i in range(SNAP_ENTRIES_PER_BLOCK):
-                e = SnapEntry.decode(data[i * SNAP_ENTRY_SIZE : (i + 1) * SNAP_ENTRY_SIZE])
-                if e is not None:
-                    entries[blk * SNAP_ENTRIES_PER_BLOCK + i] = e
-        return cls(entries, next_id)
-
-    def take_id(self) -> int:
-        """A new snapshot id, never handed out before on this volume."""
-        snap_id = self.next_id
-        if snap_id > MAX_SNAP_ID:
-            raise SnapshotLimit(f"this volume has used all {MAX_SNAP_ID} snapshot ids; "
-                                "copy its files to a new volume (snapvol get / put)")
-        self.next_id += 1
-        return snap_id
-
-    @property
-    def nblocks(self) -> int:
-        if not self.slots:
-            return 0
-        return max(self.slots) // SNAP_ENTRIES_PER_BLOCK + 1
-
-    def write_into(self, tree: BlockTree) -> None:
-        for blk in range(self.nblocks):
-            buf = bytearray(BLOCK_SIZE)
-            for i in range(SNAP_ENTRIES_PER_BLOCK):
-                e = self.slots.get(blk * SNAP_ENTRIES_PER_BLOCK + i)
-                if e is not None:
-                    buf[i * SNAP_ENTRY_SIZE : (i + 1) * SNAP_ENTRY_SIZE] = e.encode()
-            if bytes(buf) != tree.read_block(blk):
-                tree.write_block(blk, bytes(buf))
-        if not self.shadow_slots():
-            tree.truncate_blocks(self.nblocks)
-            return
-        # Shadow planes sit past the table (engine/shadows.py): drop only table blocks.
-        for blk in range(self.nblocks, SNAP_TABLE_BLOCKS):
-            if blk in tree.dirty_data or tree.data_ptr(blk)[0]:
-                tree.punch_block(blk)
-
-    def entries(self) -> list[SnapEntry]:
-        """Every entry, shadows included, oldest first (by CP count, then id)."""
-        return sorted(self.slots.values(), key=lambda e: (e.cp_count, e.snap_id))
-
-    def regular(self) -> list[SnapEntry]:
-        """The snapshots that hold their blocks and can be read (no shadows), oldest first."""
-        return [e for e in self.entries() if not e.shadow]
-
-    def shadow_slots(self) -> list[int]:
-        """Table slots of the shadow snapshots (their planes live past the table)."""
-        return sorted(slot for slot, e in self.slots.items() if e.shadow)
-
-    def slot_of(self, entry: SnapEntry) -> int:
-        """The slot of `entry` (ids are never reused in a volume)."""
-        for slot, e in self.slots.items():
-            if e.snap_id == entry.snap_id:
-                return slot
-        raise SnapshotError(f"snapshot {entry.name!r} is not in this volume's table")
-
-    def find(self, name: str) -> tuple[int, SnapEntry] | None:
-        for slot, e in self.slots.items():
-            if e.name == name:
-                return slot, e
-        return None
-
-    def get(self, name: str) -> SnapEntry:
-        found = self.find(name)
-        if found is None:
-            names = ", ".join(e.name for e in self.entries()) or "none"
-            raise SnapshotNotFound(f"no snapshot named {name!r} (snapshots: {names})")
-        return found[1]
-
-    def __len__(self) -> int:
-        return len(self.slots)
-
-    def free_slot(self) -> int:
-        for slot in range(MAX_SNAPSHOTS):
-            if slot not in self.slots:
-                return slot
-        raise SnapshotLimit(f"too many snapshots: the limit is {MAX_SNAPSHOTS}; delete one first")
 
 
 @dataclass(frozen=True, slots=True)
@@ -215,9 +64,16 @@ class SnapshotInfo:
     replica_for: str | None = None  # the UUID of the volume a replication snapshot serves
 
 
-def snapshot_plane(vol: Volume, entry: SnapEntry) -> Plane:
-    from snapvol.engine.volume import load_plane
-
+def plane_of(vol: Volume, entry: SnapEntry) -> Plane:
+    """A snapshot's plane: a regular one's saved active plane (DESIGN.md §3.4), a shadow's
+    from its region of the table file (engine/shadows.py). A shadow's is read from the
+    live table file, not the committed one: its bits are cleared in the CP that hands its
+    blocks out, so the live plane never names a block that a CP being written in the
+    background is about to overwrite."""
+    if entry.shadow:
+        # By slot of this very entry: a shadow made with --from shares its GUID with the
+        # snapshot it shadows, whose slot holds no shadow plane.
+        return shadows.load(vol.snap_tree, vol.snapshots.slot_of(entry), vol.nblocks)
     return load_plane(vol.io, entry.active_plane, vol.nblocks)
 
 
@@ -261,15 +117,13 @@ def create(vol: Volume, name: str, shadow: bool = False, source: str | None = No
         union_into_blocks(summary, active, changed)
         active.clear_touched()
         summary.clear_touched()
-        vol.snaps_dirty = True
+        vol.table_changed()
         vol.cp(force=True)
         log.info("snapshot %s taken at CP %d", name, entry.cp_count)
         return entry
 
 
 def _create_shadow(vol: Volume, name: str, slot: int, source: str | None) -> SnapEntry:
-    from snapvol.engine import shadows
-
     table = vol.snapshots
     assert vol.alloc is not None
     snap_id = table.take_id()
@@ -280,10 +134,7 @@ def _create_shadow(vol: Volume, name: str, slot: int, source: str | None) -> Sna
         guid, cp_count, created = uuidlib.uuid4().bytes, vol.root.cp_count, time.time_ns()
     else:
         base = table.get(source)
-        if base.shadow:
-            plane = shadows.load(vol.snap_tree, table.slot_of(base), vol.nblocks)
-        else:
-            plane = snapshot_plane(vol, base)
+        plane = plane_of(vol, base)
         guid, cp_count, created = base.guid, base.cp_count, base.created_ns
         flags |= base.flags & SNAP_RECEIVED  # the same snapshot, so from the same place
     # The superblock and root slots are rewritten in place, never allocated: no bit.
@@ -293,22 +144,9 @@ def _create_shadow(vol: Volume, name: str, slot: int, source: str | None) -> Sna
                       TreeRoot(), TreeRoot(), flags=flags)
     table.slots[slot] = entry
     shadows.store(vol.snap_tree, slot, plane)
-    vol.alloc.watch_reuse = True
-    vol.snaps_dirty = True
+    vol.table_changed()
     vol.cp(force=True)
     return entry
-
-
-def shadow_plane(vol: Volume, entry: SnapEntry) -> Plane:
-    """The current plane of a shadow snapshot of `vol` (bits of reused blocks cleared)."""
-    from snapvol.engine import shadows
-
-    return shadows.load(vol.snap_tree, vol.snapshots.slot_of(entry), vol.nblocks)
-
-
-def plane_of(vol: Volume, entry: SnapEntry) -> Plane:
-    """A snapshot's plane, regular or shadow: what an incremental transfer subtracts."""
-    return shadow_plane(vol, entry) if entry.shadow else snapshot_plane(vol, entry)
 
 
 def rename(vol: Volume, old: str, new: str) -> None:
@@ -323,7 +161,7 @@ def rename(vol: Volume, old: str, new: str) -> None:
             raise SnapshotExists(f"a snapshot named {new!r} already exists")
         slot, e = found
         table.slots[slot] = replace(e, name=new)
-        vol.snaps_dirty = True
+        vol.table_changed()
         vol.cp(force=True)
         log.info("snapshot %s renamed to %s", old, new)
 
@@ -342,7 +180,7 @@ def delete(vol: Volume, name: str) -> int:
             log.info("shadow snapshot %s deleted", name)
             return freed
         free_before = vol.alloc.free if vol.alloc is not None else 0
-        gone = snapshot_plane(vol, entry).nonzero_blocks()
+        gone = plane_of(vol, entry).nonzero_blocks()
         del table.slots[slot]
         # The other snapshots' union where the deleted plane had bits, read one plane
         # file at a time into one scratch plane (engine/planefile.py).
@@ -366,7 +204,7 @@ def delete(vol: Volume, name: str) -> int:
         if released:
             vol.alloc.free_many(np.concatenate(released))
         vol.alloc.recount()
-        vol.snaps_dirty = True
+        vol.table_changed()
         vol.cp(force=True)
         freed = vol.alloc.free - free_before
         log.info("snapshot %s deleted: %d blocks freed", name, freed)
@@ -375,13 +213,9 @@ def delete(vol: Volume, name: str) -> int:
 
 def _delete_shadow(vol: Volume, slot: int) -> int:
     """A shadow holds no space: dropping it frees only its plane's own blocks."""
-    from snapvol.engine import shadows
-
-    assert vol.alloc is not None
     del vol.snapshots.slots[slot]
     shadows.drop(vol.snap_tree, slot, vol.active_plane.plane_blocks)
-    vol.alloc.watch_reuse = bool(vol.snapshots.shadow_slots())
-    vol.snaps_dirty = True
+    vol.table_changed()
     vol.cp(force=True)
     return 0
 
@@ -402,7 +236,7 @@ def infos(vol: Volume) -> list[SnapshotInfo]:
     range) plus each plane file's list of stored blocks, whatever the snapshot count."""
     with vol.mutex:
         entries = vol.snapshots.regular()
-        trees = [planefile.open_plane(vol.io, e.active_plane) for e in entries]
+        trees = [tree_of(vol.io, e.active_plane) for e in entries]
         stored = []
         for tree in trees:  # which plane blocks each file stores: ranges of holes cost nothing
             stored.append(tree.mapped_fbns())
@@ -448,8 +282,6 @@ def _info(e: SnapEntry, reclaimable: int) -> SnapshotInfo:
 
 def restore(vol: Volume, name: str) -> None:
     """Roll the active file system back to snapshot `name`. Other snapshots are kept."""
-    from snapvol.engine.volume import root_of, tree_vbns
-
     with vol.mutex:
         entry = vol.snapshots.get(name)
         if entry.shadow:
@@ -459,24 +291,7 @@ def restore(vol: Volume, name: str) -> None:
             raise FsError(30, f"{vol.path} is open read-only")
         # Commit first so the blocks of the current image are exactly the active plane.
         vol.cp()
-        old = vol.active_plane
-        new = snapshot_plane(vol, entry)
-        # The snapshot's plane names its own metadata files; the active image keeps the
-        # current ones (planes, summary, table), which the next CP rewrites copy-on-write.
-        for tree_root in (entry.active_plane, entry.summary_plane, entry.snap_table):
-            new.clear_many(tree_vbns(vol.io, tree_root))
-        for tree in (vol.active_tree, vol.summary_tree, vol.snap_tree, vol.receive_tree):
-            new.set_many(tree_vbns(vol.io, root_of(tree, 0)))
-        new.set_range(0, 3)
-        dropped = old.words & ~new.words
-        old_members = Plane(vol.nblocks, dropped).members()
-        for pb in range(old.plane_blocks):
-            sl = slice(pb * 512, (pb + 1) * 512)
-            if not np.array_equal(old.words[sl], new.words[sl]):
-                old.words[sl] = new.words[sl]
-                old.mark_dirty(pb)
-        vol.alloc.free_many(old_members)  # reusable once the next CP commits
-        vol.active = Image(vol.io, entry.inode_file, vol.alloc, vol._admit)
-        vol.alloc.recount()
+        # The active image keeps its current metadata files (planes, summary, table),
+        # which the next CP rewrites copy-on-write.
+        vol.install_image(entry.inode_file, vol.image_plane(entry))
         vol.cp(force=True)
-

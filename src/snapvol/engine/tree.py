@@ -37,7 +37,7 @@ _MASK = PTRS_PER_BLOCK - 1
 NodeKey = tuple[int, int]
 DirtyBlock = bytes | memoryview
 """A dirty data block: its own bytes, or a read-only view of a whole-block slice of a
-large write's (immutable) bytes, which saves a copy per block (`Image.write`)."""
+large write's (immutable) bytes, which saves a copy per block (`InodeFile.write`)."""
 
 
 class BlockSpace(Protocol):
@@ -58,9 +58,11 @@ class BlockTree:
         self.nodes: dict[NodeKey, np.ndarray] = {}
         self.dirty_nodes: set[NodeKey] = set()
         self.dirty_data: dict[int, DirtyBlock] = {}
-        self.fresh: dict[NodeKey, int] = {}
-        # The data blocks of `fresh`, as prepare placed them: (fbns, vbns) array pairs.
-        self._fresh_data: list[tuple[np.ndarray, np.ndarray]] = []
+        # The blocks `prepare` gave a new VBN this CP, by node (0, fbn for data): `encode`
+        # writes them; a second `prepare` in the same CP leaves them where they are.
+        self.placed: dict[NodeKey, int] = {}
+        # The data blocks of `placed`, as prepare placed them: (fbns, vbns) array pairs.
+        self._placed_data: list[tuple[np.ndarray, np.ndarray]] = []
         self.delta_blocks = 0  # change in blocks held, since the owner last looked
 
     # ---- geometry -------------------------------------------------------------------
@@ -333,9 +335,9 @@ class BlockTree:
         assert space is not None, "prepare on a read-only tree"
         freed: list[np.ndarray] = []
         want = self.dirty_data.keys() if fbns is None else fbns
-        fresh = self.fresh
-        if fresh:
-            todo = np.array(sorted(f for f in want if (0, f) not in fresh), dtype=np.int64)
+        placed = self.placed
+        if placed:
+            todo = np.array(sorted(f for f in want if (0, f) not in placed), dtype=np.int64)
         else:  # the usual first call: no filter, and a numpy sort (a GiB is 262,144 blocks)
             todo = np.fromiter(want, dtype=np.int64)
             todo.sort()
@@ -359,9 +361,9 @@ class BlockTree:
                         self.dirty_nodes.add(key)
                         self._dirty_ancestors(key)
             keys = zip(itertools.repeat(0, len(todo)), todo.tolist(), strict=True)
-            fresh.update(zip(keys, new.tolist(), strict=True))
-            self._fresh_data.append((todo, new.astype(np.uint64)))
-        nodes = sorted((k for k in self.dirty_nodes if k not in self.fresh), reverse=True)
+            placed.update(zip(keys, new.tolist(), strict=True))
+            self._placed_data.append((todo, new.astype(np.uint64)))
+        nodes = sorted((k for k in self.dirty_nodes if k not in self.placed), reverse=True)
         if nodes:
             new = space.alloc(len(nodes))
             self.delta_blocks += len(nodes)
@@ -370,7 +372,7 @@ class BlockTree:
                 old_vbn, _ = self._ptr_of(*key)
                 if old_vbn:
                     olds.append(old_vbn)
-                self.fresh[key] = v
+                self.placed[key] = v
             freed.append(np.array(olds, dtype=np.uint64))
         freed = [a for a in freed if len(a)]
         if freed:
@@ -382,13 +384,13 @@ class BlockTree:
                data_of: Callable[[int], DirtyBlock] | None = None) -> None:
         """Checksum and place every block `prepare` gave a VBN, bottom-up."""
         get = self.dirty_data.__getitem__ if data_of is None else data_of
-        if self._fresh_data:
-            # prepare's (fbns, vbns) arrays: no walk over `fresh` and no tuple per block
-            if len(self._fresh_data) == 1:
-                fbns, vbns = self._fresh_data[0]  # prepare sorted them
+        if self._placed_data:
+            # prepare's (fbns, vbns) arrays: no walk over `placed` and no tuple per block
+            if len(self._placed_data) == 1:
+                fbns, vbns = self._placed_data[0]  # prepare sorted them
             else:
-                fbns = np.concatenate([f for f, _ in self._fresh_data])
-                vbns = np.concatenate([v for _, v in self._fresh_data])
+                fbns = np.concatenate([f for f, _ in self._placed_data])
+                vbns = np.concatenate([v for _, v in self._placed_data])
                 order = np.argsort(fbns, kind="stable")
                 fbns, vbns = fbns[order], vbns[order]
             datas = list(map(get, fbns.tolist()))
@@ -398,12 +400,12 @@ class BlockTree:
             else:  # small files' blocks coalesce with their neighbours' in the batch
                 batch.blocks.update(zip(vbns.tolist(), datas, strict=True))
             self._place(0, fbns, vbns, csums)
-            self._fresh_data.clear()
+            self._placed_data.clear()
         for level in range(1, self.height + 1):
             keys = sorted(i for (lvl, i) in self.dirty_nodes if lvl == level)
             if not keys:
                 continue
-            vbns = np.array([self.fresh[(level, i)] for i in keys], dtype=np.uint64)
+            vbns = np.array([self.placed[(level, i)] for i in keys], dtype=np.uint64)
             csums = np.empty(len(keys), dtype=np.uint64)
             for j, (i, v) in enumerate(zip(keys, vbns.tolist(), strict=True)):
                 d = self.nodes[(level, i)].tobytes()
@@ -414,8 +416,8 @@ class BlockTree:
             self._place(level, np.array(keys, dtype=np.int64), vbns, csums)
         self.dirty_nodes.clear()
         self.dirty_data.clear()
-        self.fresh.clear()
-        self._fresh_data.clear()
+        self.placed.clear()
+        self._placed_data.clear()
 
     def _place(self, level: int, idxs: np.ndarray, vbns: np.ndarray, csums: np.ndarray) -> None:
         if level == self.height:

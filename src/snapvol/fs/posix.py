@@ -1,4 +1,4 @@
-"""POSIX semantics over an engine Image: by inode number and by path.
+"""POSIX semantics over an engine InodeFile: by inode number and by path.
 
 This is the API the CLI, the FUSE front end and the replication engines share. Every
 method takes the volume's lock, so a CP timer thread and callers can run side by side.
@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, ParamSpec, TypeVar
 import numpy as np
 
 from snapvol.engine.directory import check_name
-from snapvol.engine.image import XATTR_NAME_MAX, XATTR_SIZE_MAX, Image, Node, dtype_of
+from snapvol.engine.inodefile import XATTR_NAME_MAX, XATTR_SIZE_MAX, InodeFile, Node, dtype_of
 from snapvol.errors import FsError, SnapvolError, fs_error
 from snapvol.layout import acl
 from snapvol.layout.constants import BLOCK_SIZE, MAX_FILE_SIZE, ROOT_INO
@@ -119,14 +119,14 @@ class FileSystem:
         self._image = None if snapshot is None else vol.snapshot_image(snapshot)
 
     @property
-    def image(self) -> Image:
+    def image(self) -> InodeFile:
         return self._image if self._image is not None else self.vol.active
 
     @property
     def readonly(self) -> bool:
         return self._image is not None or not self.vol.writable
 
-    def _rw(self) -> Image:
+    def _rw(self) -> InodeFile:
         if self.readonly:
             what = f"snapshot {self.snapshot!r}" if self.snapshot else self.vol.path
             raise FsError(errno.EROFS, f"read-only file system: {what} cannot be changed")
@@ -358,7 +358,7 @@ class FileSystem:
         self._changed()
         return self._stat(node)
 
-    def _drop_link(self, img: Image, node: Node, now: int) -> None:
+    def _drop_link(self, img: InodeFile, node: Node, now: int) -> None:
         i = node.inode
         i.nlink = 0 if i.is_dir else i.nlink - 1  # a removed directory has no links left
         i.ctime_ns = now
@@ -489,7 +489,7 @@ class FileSystem:
         img.mark_dirty(snode)
         self._changed()
 
-    def _exchange(self, img: Image, sp: Node, sd: object, se: object, dp: Node, dd: object,
+    def _exchange(self, img: InodeFile, sp: Node, sd: object, se: object, dp: Node, dd: object,
                   de: object, now: int) -> None:
         from snapvol.engine.directory import Directory, DirEntry
 
@@ -647,7 +647,7 @@ class FileSystem:
         return mode
 
     @staticmethod
-    def _chmod_acl(img: Image, node: Node, mode: int) -> None:
+    def _chmod_acl(img: InodeFile, node: Node, mode: int) -> None:
         """Before a chmod to `mode`: the access ACL's owner, mask (or group) and other
         entries take the new permission bits, as the kernel's posix_acl_chmod does."""
         attrs = img.xattrs(node)
@@ -670,7 +670,7 @@ class FileSystem:
         del attrs[raw]
         self._store_xattrs(img, node, attrs)
 
-    def _store_xattrs(self, img: Image, node: Node, attrs: dict[bytes, bytes],
+    def _store_xattrs(self, img: InodeFile, node: Node, attrs: dict[bytes, bytes],
                       mode: int | None = None) -> None:
         """Write the node's xattrs, then (nothing changed if that fails) its new mode."""
         now = _now()

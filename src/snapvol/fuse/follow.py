@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 import pyfuse3
 
 from snapvol.engine.compare import differing_blocks
-from snapvol.engine.image import Image
+from snapvol.engine.inodefile import InodeFile
 from snapvol.errors import FsError, SnapvolError
 from snapvol.fs import FileSystem
 from snapvol.fs.posix import Stat
@@ -93,7 +93,7 @@ class StaleView(FileSystem):
         """Nothing to do: the image it was opened on is gone."""
 
 
-def changed_inodes(old: Image, new: Image) -> set[int] | None:
+def changed_inodes(old: InodeFile, new: InodeFile) -> set[int] | None:
     """Engine inode numbers whose records differ between two inode files, or None when
     the old one cannot be read any more (its blocks were reused)."""
     if old is new:

@@ -13,7 +13,7 @@ import logging
 import os
 
 from snapvol.engine import snapshots
-from snapvol.engine.snapshots import SnapshotError
+from snapvol.engine.snaptable import SnapshotError
 from snapvol.engine.volume import Volume
 from snapvol.errors import FsError
 from snapvol.fs import FileSystem

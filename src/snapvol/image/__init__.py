@@ -10,7 +10,7 @@ The Python API other engines build on (replicate, dump, restore):
 - `send(vol, snap, base=None, resume=None)` -> an iterator of stream chunks;
 - `receive(vol, chunks, progress=None)` -> `ReceiveResult` (chunks, or a raw readable
   file or pipe, which is faster: records are read into their own buffers);
-- `abort(vol)`, `resume_token(vol)`, `pending_snapshot(vol)`, `is_updating(vol)`;
+- `abort(vol)`, `resume_token(vol)`, `pending_snapshot(vol)` (and `Volume.updating`);
 - `read_header(chunks)` / `receiver.read_header_from(file)` (for `--create`),
   `open_for_receive(path)` (readers may stay); `pipes.widen_pipe(fd)`.
 
@@ -21,7 +21,6 @@ by the functions of the same name re-exported here).
 from snapvol.image.receiver import (
     ReceiveResult,
     abort,
-    is_updating,
     open_for_receive,
     pending_snapshot,
     read_header,
@@ -37,7 +36,6 @@ __all__ = [
     "StreamError",
     "StreamHeader",
     "abort",
-    "is_updating",
     "open_for_receive",
     "pending_snapshot",
     "plan",

@@ -51,20 +51,20 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-from snapvol.device import ImageDevice
-from snapvol.engine import planefile, shadows, snapshots
-from snapvol.engine.image import Image
+from snapvol.device import FileDevice
+from snapvol.engine import planefile, snapshots
+from snapvol.engine.inodefile import InodeFile
 from snapvol.engine.reach import TREE_NAMES, DamagedBlock, Ranks, Reach, image_trees
-from snapvol.engine.snapshots import SnapshotTable
-from snapvol.engine.volume import Volume, root_of, tree_vbns
+from snapvol.engine.snapshots import plane_of
+from snapvol.engine.snaptable import SnapshotTable
+from snapvol.engine.volume import Volume
 from snapvol.errors import LockedError, SnapvolError, VolumeError
 from snapvol.image.sender import Progress
 from snapvol.layout.checksum import run_checksums
 from snapvol.layout.constants import BLOCK_SIZE, FIRST_DATA_VBN, INOMAP_INO, ROOT_INO
-from snapvol.layout.records import RECEIVE_UPDATING
+from snapvol.layout.records import RECEIVE_UPDATING, TreeRoot
 from snapvol.layout.snaptable import SNAP_IN_USE, SNAP_RECEIVED, SNAP_REPLICA, SnapEntry
 from snapvol.planes import Plane, difference, intersection, union
-from snapvol.planes.algebra import difference_into
 from snapvol.streams.imagestream import (
     HDR_RESUMED,
     HEADER_PAYLOAD,
@@ -133,10 +133,9 @@ def _guid(raw: bytes) -> str:
 # ---- the persisted receive state ------------------------------------------------------------
 def _state(vol: Volume) -> tuple[StreamHeader, tuple[TableItem, ...]] | None:
     """The header and table of the pending receive (stored after its plane), or None."""
-    if not vol.receive_blocks:
+    blob = vol.receive_state()
+    if blob is None:
         return None
-    first = Plane.zeros(vol.nblocks).plane_blocks
-    blob = b"".join(vol.receive_tree.read_blocks(first, vol.receive_blocks - first))
     (size,) = _BLOB_LEN.unpack_from(blob)
     try:
         header = StreamHeader.decode(blob[8 : 8 + HEADER_PAYLOAD])
@@ -147,24 +146,13 @@ def _state(vol: Volume) -> tuple[StreamHeader, tuple[TableItem, ...]] | None:
     return header, items
 
 
-def _write_state(vol: Volume, header: StreamHeader, items: tuple[TableItem, ...],
-                 selection: Plane) -> None:
-    tree = vol.receive_tree
-    for pb in selection.nonzero_blocks().tolist():
-        tree.write_block(pb, selection.block_bytes(pb))
+def _pin(vol: Volume, header: StreamHeader, items: tuple[TableItem, ...],
+         selection: Plane) -> None:
+    """Pin the selection, with the header and table kept after it for a resume."""
     stored = replace(header, resume_from=0, flags=header.flags & ~HDR_RESUMED)
     body = stored.encode() + encode_table(list(items))
-    blob = _BLOB_LEN.pack(len(body)) + body
-    blob += bytes(-len(blob) % BLOCK_SIZE)
-    first = selection.plane_blocks
-    for i in range(len(blob) // BLOCK_SIZE):
-        tree.write_block(first + i, blob[i * BLOCK_SIZE : (i + 1) * BLOCK_SIZE])
-    vol.receive_blocks = first + len(blob) // BLOCK_SIZE
-
-
-def _clear_state(vol: Volume) -> None:
-    vol.receive_tree.truncate_blocks(0)
-    vol.receive_blocks = vol.receive_done = vol.receive_flags = 0
+    vol.pin(selection, _BLOB_LEN.pack(len(body)) + body,
+            RECEIVE_UPDATING if header.shadow_base else 0)
 
 
 def resume_token(vol: Volume) -> str | None:
@@ -174,12 +162,6 @@ def resume_token(vol: Volume) -> str | None:
         return None
     header, _ = state
     return encode_token(header.snap_guid, header.base_guid, vol.receive_done)
-
-
-def is_updating(vol: Volume) -> bool:
-    """Whether a pending receive overwrites the current state (a shadow base): readers
-    must wait for the switch (R6)."""
-    return bool(vol.receive_blocks and vol.receive_flags & RECEIVE_UPDATING)
 
 
 def pending_snapshot(vol: Volume) -> str | None:
@@ -199,7 +181,7 @@ def open_for_receive(path: str) -> Volume:
     need the exclusive one, stay out) plus an exclusive lock on byte 1 that keeps a
     second receive out."""
     vol = Volume.open(path, writable=True, exclusive=False)
-    assert isinstance(vol.dev, ImageDevice)
+    assert isinstance(vol.dev, FileDevice)
     try:
         fcntl.lockf(vol.dev.fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, 1)
     except OSError as err:
@@ -361,7 +343,7 @@ def receive(vol: Volume, chunks: Source, progress: Progress | None = None,
     if selection.nblocks != vol.nblocks:
         selection = selection.resized(vol.nblocks)
     with vol.mutex:
-        resumed, dropped = _admit(vol, header, items, selection, drop_local)
+        resumed, dropped = _check_and_pin(vol, header, items, selection, drop_local)
     done_before = vol.receive_done if resumed else 0
     total = dec.offset + count_from(selection, header.resume_from) * (BLOCK_SIZE + 1)
     written_to, pending, nblocks = done_before, 0, 0
@@ -483,7 +465,7 @@ def _check_install(vol: Volume, items: tuple[TableItem, ...], selection: Plane,
     by_guid = {e.guid: e for e in vol.snapshots.slots.values()}
     held = [by_guid[i.entry.guid] for i in items
             if i.role in (ROLE_BASE, ROLE_HELD) and i.entry.guid in by_guid]
-    kept = union(*(_plane(vol, e) for e in held)) if held else Plane.zeros(vol.nblocks)
+    kept = union(*(plane_of(vol, e) for e in held)) if held else Plane.zeros(vol.nblocks)
     reach = Reach(vol.io, vol.nblocks, within=selection)
     reached = np.zeros(got.ranks.total, dtype=bool)  # by rank in the selection
     brought = sorted((i for i in items if i.role in (ROLE_TOP, ROLE_CARRIED)),
@@ -510,7 +492,7 @@ class _EntryCheck:
             vol, entry, selection, kept, got)
         self.what = f"snapshot {entry.name!r} of the stream"
         try:
-            self.plane = _plane(vol, entry)
+            self.plane = plane_of(vol, entry)
         except SnapvolError as err:
             raise Refused(f"the plane of {self.what} cannot be read: {err}") from None
         self.seen = np.zeros(got.ranks.total, dtype=bool)
@@ -547,7 +529,7 @@ class _EntryCheck:
             raise Refused(f"the plane of {self.what} holds block {int(unreached[0])}, "
                           "which its trees do not reach")
         # The file system must open: the inode map and a root directory.
-        image = Image(vol.io, self.entry.inode_file)
+        image = InodeFile(vol.io, self.entry.inode_file)
         try:
             ok = image.exists(INOMAP_INO) and image.node(ROOT_INO).inode.is_dir
         except (SnapvolError, ValueError):
@@ -618,7 +600,7 @@ def _refuse(vol: Volume, items: tuple[TableItem, ...], why: str) -> StreamError:
     name = next(i.entry.name for i in items if i.role == ROLE_TOP)
     if vol.receive_flags & RECEIVE_UPDATING:
         # Nothing received is trusted: the next try rewrites every block.
-        vol.receive_done = 0
+        vol.set_receive_done(0)
         vol.cp(force=True)
         return StreamError(
             f"{vol.path}: the stream is refused: {why}; nothing was installed, and the "
@@ -636,7 +618,7 @@ def _checkpoint(vol: Volume, written_to: int) -> None:
     """Make every block below `written_to` durable, then record that in the root."""
     vol.dev.flush()
     if written_to > vol.receive_done:
-        vol.receive_done = written_to
+        vol.set_receive_done(written_to)
         vol.cp(force=True)
 
 
@@ -663,8 +645,8 @@ def _stream_kept(items: tuple[TableItem, ...]) -> set[bytes]:
     return {i.entry.guid for i in items if not i.entry.shadow}
 
 
-def _admit(vol: Volume, header: StreamHeader, items: tuple[TableItem, ...],
-           selection: Plane, drop_local: bool) -> tuple[bool, list[str]]:
+def _check_and_pin(vol: Volume, header: StreamHeader, items: tuple[TableItem, ...],
+                   selection: Plane, drop_local: bool) -> tuple[bool, list[str]]:
     """Check the stream against the destination and, for a new receive, pin its blocks.
     Returns (resuming?, destination snapshots dropped). Raises before writing anything."""
     path = vol.path
@@ -679,9 +661,8 @@ def _admit(vol: Volume, header: StreamHeader, items: tuple[TableItem, ...],
                 f"{path} has a partial receive of snapshot {name!r}; finish it with "
                 f"'snapvol send SOURCE {name} [--base BASE] --resume {token}' or discard it "
                 f"with 'snapvol receive --abort {path}'")
-        assert vol.alloc is not None
         if encode_table(list(old_items)) != encode_table(list(items)) or (
-                vol.alloc.pinned != selection):
+                not vol.pinned_is(selection)):
             raise StreamError(f"the stream differs from the partial receive on {path} (the "
                               "source's snapshots changed since); discard it with "
                               f"'snapvol receive --abort {path}' and send again")
@@ -719,25 +700,12 @@ def _admit(vol: Volume, header: StreamHeader, items: tuple[TableItem, ...],
         if e.shadow or planefile.overlaps(vol.io, e.active_plane, selection):
             snapshots.delete(vol, e.name)
             dropped.append(e.name)
-    alloc = vol.alloc
-    assert alloc is not None
     if not header.incremental:
-        loose = vol.active_plane.copy()
-        for r in (vol.root.active_plane, vol.root.summary_plane, vol.root.snap_table):
-            loose.clear_many(tree_vbns(vol.io, r))
-        loose.clear_range(0, 3)
-        alloc.free_many(loose.members())
+        # The destination's few blocks (an empty file system) go, so none of them sits
+        # where the stream's land; a new empty file system is placed by the next CP.
+        vol.install_image(TreeRoot(), vol.image_plane(None))
         vol.empty_file_system(time.time_ns())
-    alloc.pinned = selection.copy()
-    alloc.recount()
-    for plane in (vol.active_plane, vol.summary_plane):
-        for pb in plane.nonzero_blocks().tolist():
-            plane.mark_dirty(pb)
-    for fbn in vol.snap_tree.mapped_fbns().tolist():
-        vol.snap_tree.write_block(fbn, vol.snap_tree.read_block(fbn))
-    _write_state(vol, header, items, selection)
-    vol.receive_done = 0
-    vol.receive_flags = RECEIVE_UPDATING if header.shadow_base else 0
+    _pin(vol, header, items, selection)
     vol.cp(force=True)
     if not header.shadow_base and intersection(
             union(vol.active_plane, vol.summary_plane), selection).count():
@@ -745,12 +713,6 @@ def _admit(vol: Volume, header: StreamHeader, items: tuple[TableItem, ...],
         raise VolumeError(f"{path}: blocks in use collide with the stream's blocks; the "
                           "destination is not a mirror of this source (nothing was written)")
     return False, dropped
-
-
-def _plane(vol: Volume, entry: SnapEntry) -> Plane:
-    from snapvol.image.sender import entry_plane
-
-    return entry_plane(vol, entry)
 
 
 def _check_base(vol: Volume, items: tuple[TableItem, ...], by_guid: dict[bytes, SnapEntry]
@@ -787,17 +749,8 @@ def _check_base(vol: Volume, items: tuple[TableItem, ...], by_guid: dict[bytes, 
 
 
 def _release(vol: Volume) -> None:
-    """Drop the pin and the receive state in one CP. Pinned blocks that nothing else
-    holds go through the deferred plane: the committed root still names them as received
-    until this CP lands, so they must not be reused inside it."""
-    alloc = vol.alloc
-    assert alloc is not None
-    pinned = alloc.pinned
-    loose = difference(pinned, union(vol.active_plane, vol.summary_plane))
-    alloc.pinned = Plane.zeros(vol.nblocks)
-    alloc.free_many(loose.members())
-    _clear_state(vol)
-    alloc.recount()
+    """Drop the pin and the receive state in one CP."""
+    vol.release_pin()
     vol.cp(force=True)
 
 
@@ -817,13 +770,6 @@ def abort(vol: Volume) -> None:
         _release(vol)
 
 
-def _replace_words(plane: Plane, new: Plane) -> None:
-    rows, want = plane.words.reshape(-1, 512), new.words.reshape(-1, 512)
-    changed = (rows != want).any(axis=1)
-    rows[changed] = want[changed]
-    plane.mark_dirty_where(changed)
-
-
 def _switch(vol: Volume, items: tuple[TableItem, ...]) -> tuple[SnapEntry, str | None,
                                                                 list[str]]:
     """The one CP that makes the received snapshot the destination's state. Returns the
@@ -834,8 +780,6 @@ def _switch(vol: Volume, items: tuple[TableItem, ...]) -> tuple[SnapEntry, str |
     name; every other entry arrives with the received flag and a new id of this volume,
     since the source's ids may be ids this volume used before (FUSE inode numbers are
     made from them). The destination's other snapshots are dropped."""
-    alloc = vol.alloc
-    assert alloc is not None
     vol.cp()
     table = vol.snapshots
     by_guid = {e.guid: e for e in table.slots.values() if not e.shadow}
@@ -866,33 +810,14 @@ def _switch(vol: Volume, items: tuple[TableItem, ...]) -> tuple[SnapEntry, str |
     kept = {e.guid for e in entries}
     dropped = [e.name for e in table.entries() if e.shadow or e.guid not in kept]
     top = next(e for e in entries if e.guid == top_guid)
-    new_active = _plane(vol, top)
-    for r in (top.active_plane, top.summary_plane, top.snap_table):
-        new_active.clear_many(tree_vbns(vol.io, r))
-    new_active.set_range(0, 3)
-    for tree in (vol.active_tree, vol.summary_tree, vol.snap_tree, vol.receive_tree):
-        new_active.set_many(tree_vbns(vol.io, root_of(tree, 0)))
     new_summary = planefile.union_of(vol.io, [e.active_plane for e in entries], vol.nblocks)
-    gone = union(vol.active_plane, vol.summary_plane)
-    difference_into(gone, union(new_active, new_summary))
-    _replace_words(vol.active_plane, new_active)
-    _replace_words(vol.summary_plane, new_summary)
-    del new_active, new_summary
-    alloc.free_many(gone.members())
-    for slot in table.shadow_slots():
-        shadows.drop(vol.snap_tree, slot, vol.active_plane.plane_blocks)
-    vol.snapshots = SnapshotTable(dict(enumerate(entries)), table.next_id)
-    alloc.watch_reuse = False
-    vol.snaps_dirty = True
-    vol.active = Image(vol.io, top.inode_file, alloc, vol._admit)
-    alloc.pinned = Plane.zeros(vol.nblocks)
-    _clear_state(vol)
-    alloc.recount()
-    # CP counts order snapshots: carry the destination's count past the received ones, so
-    # a snapshot taken here later sorts after them (and this volume can send onward). The
-    # parity stays, so the new root still goes to the slot of the older root.
-    ahead = max(0, max(e.cp_count for e in entries) - vol.root.cp_count)
-    vol.root = replace(vol.root, cp_count=vol.root.cp_count + ahead + ahead % 2)
+    vol.install_image(top.inode_file, vol.image_plane(top), new_summary,
+                      SnapshotTable(dict(enumerate(entries)), table.next_id))
+    del new_summary
+    vol.release_pin()
+    # CP counts order snapshots: the destination's goes past the received ones, so a
+    # snapshot taken here later sorts after them (and this volume can send onward).
+    vol.advance_cp_count(max(e.cp_count for e in entries))
     vol.cp(force=True)
     return top, base_name, dropped
 

@@ -27,11 +27,12 @@ from typing import IO
 import numpy as np
 import numpy.typing as npt
 
-from snapvol.engine import planefile, shadows
+from snapvol.engine import planefile
 from snapvol.engine.compare import users
 from snapvol.engine.reach import DamagedBlock, Ranks, Reach, image_trees
-from snapvol.engine.snapshots import SnapshotError, snapshot_plane
-from snapvol.engine.volume import Volume, tree_of
+from snapvol.engine.snapshots import plane_of
+from snapvol.engine.snaptable import SnapshotError
+from snapvol.engine.volume import Volume
 from snapvol.errors import CorruptionError
 from snapvol.layout.checksum import first_bad_block
 from snapvol.layout.constants import BLOCK_SIZE, FIRST_DATA_VBN
@@ -92,17 +93,6 @@ class SendPlan:
         return next((i.entry for i in self.items if i.role == ROLE_BASE), None)
 
 
-def entry_plane(vol: Volume, entry: SnapEntry) -> Plane:
-    """A snapshot's plane: read through its saved root, or for a shadow snapshot from
-    its region of the snapshot table file (engine/shadows.py)."""
-    if not entry.shadow:
-        return snapshot_plane(vol, entry)
-    # By slot of this very entry: a shadow made with --from shares its GUID with the
-    # snapshot it shadows, whose slot holds no shadow plane.
-    slot = vol.snapshots.slot_of(entry)
-    return shadows.load(tree_of(vol.io, vol.root.snap_table), slot, vol.nblocks)
-
-
 def _choose(vol: Volume, snap: str, base: str | None) -> tuple[list[TableItem], Plane, int]:
     table = vol.snapshots
     top = table.get(snap)
@@ -120,7 +110,7 @@ def _choose(vol: Volume, snap: str, base: str | None) -> tuple[list[TableItem], 
     items = [TableItem(ROLE_TOP, top)]
     # The planes are read one file at a time into at most three planes (selection, the
     # held union, BASE's), however many snapshots the volume holds (engine/planefile.py).
-    selection = snapshot_plane(vol, top)
+    selection = plane_of(vol, top)
     held: list[int] = []
     for e in table.regular():
         if e.cp_count >= top.cp_count or e.guid == top.guid:
@@ -135,7 +125,7 @@ def _choose(vol: Volume, snap: str, base: str | None) -> tuple[list[TableItem], 
             held.append(len(items) - 1)
     if base_entry is not None:
         items.append(TableItem(ROLE_BASE, base_entry))
-        difference_into(selection, entry_plane(vol, base_entry))
+        difference_into(selection, plane_of(vol, base_entry))
         held_union = Plane.zeros(vol.nblocks)
         for i in held:
             plane = items[i].entry.active_plane

@@ -1,7 +1,7 @@
 """One file system image: the inode file and the files, directories and xattrs in it.
 
-The active file system is a writable Image; every snapshot is a read-only Image on the
-inode file saved in its entry. Both read through the same code, so what fsck, `get` and
+The active file system is a writable `InodeFile`; every snapshot is a read-only one on
+the inode file saved in its entry. Both read through the same code, so what fsck, `get` and
 replication see of a snapshot is what they see of the active file system.
 """
 
@@ -14,6 +14,7 @@ import numpy as np
 
 from snapvol.engine.blockio import BlockIO, WriteBatch
 from snapvol.engine.directory import Directory
+from snapvol.engine.metafile import root_of, tree_of
 from snapvol.engine.tree import ZERO_BLOCK, BlockSpace, BlockTree
 from snapvol.errors import FsError, fs_error
 from snapvol.layout.constants import (
@@ -27,7 +28,6 @@ from snapvol.layout.constants import (
     ROOT_INO,
 )
 from snapvol.layout.inode import Inode
-from snapvol.layout.pointer import PTR_DTYPE, Pointer
 from snapvol.layout.records import TreeRoot
 from snapvol.layout.xattrs import XATTR_NAME_MAX as XATTR_NAME_MAX
 from snapvol.layout.xattrs import XATTR_SIZE_MAX as XATTR_SIZE_MAX
@@ -84,7 +84,7 @@ class Node:
 class _DirStore:
     """The BlockStore a Directory sees: its inode's block tree."""
 
-    def __init__(self, image: Image, node: Node) -> None:
+    def __init__(self, image: InodeFile, node: Node) -> None:
         self.image, self.node = image, node
 
     def read_block(self, fbn: int) -> bytes:
@@ -92,9 +92,9 @@ class _DirStore:
 
     def write_block(self, fbn: int, data: bytes) -> None:
         # The Directory writes lazily (at flush, or when its node cache evicts), for
-        # changes whose space was admitted when they were made; admitting again here
+        # changes whose space was reserved when they were made; reserving again here
         # could start a CP in the middle of the Directory's own bookkeeping.
-        self.image._write_block(self.node, fbn, data, admit=False)
+        self.image._write_block(self.node, fbn, data, reserve=False)
 
     def punch_block(self, fbn: int) -> None:
         self.image._touch(self.node)
@@ -116,7 +116,7 @@ def dtype_of(mode: int) -> int:
     return stat.S_IFMT(mode) >> 12
 
 
-class Image:
+class InodeFile:
     """Inodes, file data, directories and xattrs of one inode file."""
 
     def __init__(
@@ -124,14 +124,14 @@ class Image:
         io: BlockIO,
         inode_file: TreeRoot,
         space: BlockSpace | None = None,
-        admit: Callable[[int, bool], None] | None = None,
+        reserve_space: Callable[[int, bool], None] | None = None,
     ) -> None:
         self.io = io
         self.space = space
-        self.admit = admit
-        top = np.zeros(1, dtype=PTR_DTYPE)
-        top[0] = (inode_file.ptr.vbn, inode_file.ptr.csum)
-        self.itree = BlockTree(io, top, inode_file.height, space)
+        # Asked for (blocks, metadata?) before a change makes blocks dirty: ENOSPC when
+        # the volume cannot place them at the next CP (Volume._reserve_space).
+        self.reserve_space = reserve_space
+        self.itree = tree_of(io, inode_file, space)
         self.inode_blocks = inode_file.nblocks
         self.nodes: dict[int, Node] = {}
         self.dirty_records: set[int] = set()
@@ -158,9 +158,7 @@ class Image:
             n.dir is not None and n.dir.dirty for n in self.nodes.values())
 
     def root(self) -> TreeRoot:
-        p = self.itree.top[0]
-        return TreeRoot(Pointer(int(p["vbn"]), int(p["csum"])), self.itree.height,
-                        self.inode_blocks)
+        return root_of(self.itree, self.inode_blocks)
 
     def _require_writable(self) -> None:
         if self.space is None:
@@ -222,8 +220,8 @@ class Image:
 
     def alloc_inode(self, mode: int, uid: int, gid: int, now_ns: int, qtree: int = 0) -> Node:
         self._require_writable()
-        if self.admit is not None:
-            self.admit(2, False)
+        if self.reserve_space is not None:
+            self.reserve_space(2, False)
         bits = self._load_inomap()
         ino = self._find_free_ino(bits)
         byte = ino >> 3
@@ -300,11 +298,11 @@ class Image:
 
     # ---- file data --------------------------------------------------------------------
     def _write_block(self, node: Node, fbn: int, data: bytes, meta: bool = False,
-                     admit: bool = True) -> None:
+                     reserve: bool = True) -> None:
         tree = node.tree
         if fbn not in tree.dirty_data:
-            if admit and self.admit is not None:
-                self.admit(1, meta)
+            if reserve and self.reserve_space is not None:
+                self.reserve_space(1, meta)
             self.dirty_data_blocks += 1
         tree.write_block(fbn, data)
         self._touch(node)
@@ -330,7 +328,7 @@ class Image:
 
     def write(self, node: Node, offset: int, data: bytes | memoryview) -> int:
         """Write all of `data` or nothing: the space for every block it makes dirty is
-        admitted up front, so a refused write (ENOSPC) changes nothing."""
+        reserved up front, so a refused write (ENOSPC) changes nothing."""
         self._require_writable()
         n = len(data)
         if n == 0:
@@ -344,8 +342,8 @@ class Image:
         new = last - first + 1
         if dirty:
             new -= sum(map(dirty.__contains__, range(first, last + 1)))
-        if new and self.admit is not None:
-            self.admit(new, False)  # may commit a CP first; nothing is placed yet
+        if new and self.reserve_space is not None:
+            self.reserve_space(new, False)  # may commit a CP first; nothing is placed yet
         tree.ensure_capacity(last)
         self.dirty_data_blocks += new
         self._touch(node)

@@ -37,7 +37,7 @@ def _iov_max() -> int:
 IOV_MAX = _iov_max()
 
 
-class ImageDevice(Device):
+class FileDevice(Device):
     """A volume image: a regular file or a raw block device, opened read-only or read-write."""
 
     def __init__(self, path: str | os.PathLike[str], writable: bool) -> None:
@@ -158,7 +158,7 @@ class ImageDevice(Device):
 
     def __repr__(self) -> str:
         mode = "rw" if self.writable else "ro"
-        return f"ImageDevice({self.path!r}, {mode}, {self.nblocks} blocks)"
+        return f"FileDevice({self.path!r}, {mode}, {self.nblocks} blocks)"
 
 
 def _advance(views: list[memoryview], done: int) -> list[memoryview]:
@@ -196,9 +196,9 @@ def _open_image(path: str, writable: bool) -> int:
         raise VolumeError(f"cannot open {path}: {err.strerror}") from err
 
 
-def open_device(path: str | os.PathLike[str], writable: bool) -> ImageDevice:
+def open_device(path: str | os.PathLike[str], writable: bool) -> FileDevice:
     """Open the image or raw device at `path`."""
-    return ImageDevice(path, writable)
+    return FileDevice(path, writable)
 
 
 def create_image(path: str | os.PathLike[str], size_bytes: int) -> tuple[int, int]:
