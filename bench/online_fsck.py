@@ -21,9 +21,10 @@ from pathlib import Path
 
 from bench.common import Context, Figure, GiB, MiB, at_most_ratio, with_anchor
 from bench.fuse_io import snapvol_mount
+from snapvol.control import protocol as control
+from snapvol.control import registry
 from snapvol.engine.volume import Volume
 from snapvol.fs import FileSystem
-from snapvol.fuse import control, registry
 from snapvol.layout.constants import ROOT_INO
 
 NAME = "online_fsck"

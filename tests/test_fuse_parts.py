@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from snapvol.fuse import mounttable, readahead, registry
-from snapvol.fuse.control import ControlError, call, decode, encode
+from snapvol.control import mounttable, registry
+from snapvol.control.protocol import ControlError, call, decode, encode
+from snapvol.fuse import readahead
 from snapvol.fuse.inodes import FUSE_ROOT, SNAPDIR_INO, from_fuse, to_fuse
 from snapvol.layout.constants import FIRST_USER_INO, ROOT_INO
 
@@ -74,7 +75,7 @@ def test_control_client_errors(tmp_path: Path, run_dir: Path) -> None:
                 conn, _ = server.accept()
                 with conn:
                     request = decode(conn.recv(65536))
-                    assert request == {"op": "snap_delete", "args": {"name": "x"}}
+                    assert request == {"v": 1, "op": "snap_delete", "args": {"name": "x"}}
                     conn.sendall(answer)
 
         t = threading.Thread(target=serve)

@@ -29,10 +29,10 @@ from snapvol.cli.sizes import human_size, size_option
 from snapvol.cli.snap import snap
 from snapvol.cli.transfer import receive_cmd, receive_facts, send
 from snapvol.cli.verify import verify
+from snapvol.control.ops import fsck_result, volume_facts
 from snapvol.engine.fsck import ONLINE_SHARE, check
 from snapvol.engine.volume import Volume
 from snapvol.errors import SnapvolError
-from snapvol.fuse.control import fsck_result, volume_facts
 from snapvol.layout.constants import BLOCK_SIZE
 from snapvol.runtime import tune_gc, tune_malloc
 

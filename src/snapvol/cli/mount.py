@@ -3,7 +3,7 @@
 Without --foreground, `mount` forks a mount process that detaches from the terminal and
 waits for it: the parent returns once the mount answers requests, or fails with the
 child's own error message. The child's later messages go to a log file in the run
-directory (see `snapvol.fuse.registry`).
+directory (see `snapvol.control.registry`).
 """
 
 from __future__ import annotations
@@ -19,12 +19,12 @@ import click
 from rich.table import Table
 
 from snapvol.cli.output import console, print_json, show_time
+from snapvol.control import mounttable, registry
+from snapvol.control.protocol import ControlError, call
+from snapvol.control.registry import MountEntry
 from snapvol.engine.volume import MAX_CP_INTERVAL, MIN_CP_INTERVAL, check_cp_interval
 from snapvol.errors import SnapvolError
-from snapvol.fuse import mounttable, registry
-from snapvol.fuse.control import ControlError, call
 from snapvol.fuse.readahead import DEFAULT_KIB, check_kib
-from snapvol.fuse.registry import MountEntry
 
 UNMOUNT_WAIT = 60.0
 
