@@ -88,6 +88,9 @@ def test_the_cli_reaches_an_owner_without_a_mount(tmp_path: Path, owned: Owned) 
     held = owned.snapvol("put", img, str(src / "a"), "/a", check=False)
     assert held.returncode == 2
     assert f"owned by process {owned.proc.pid}" in held.stderr and "stop it" in held.stderr
+    offline = owned.snapvol("fsck", img, check=False)
+    assert offline.returncode == 2 and f"owned by process {owned.proc.pid}" in offline.stderr
+    assert "--online" in offline.stderr
     info = json.loads(owned.snapvol("info", "--json", img).stdout)
     assert info["size"] == 256 << 20 and info["snapshots"] == 0
     assert "created snapshot s1" in owned.snapvol("snap", "create", img, "s1").stdout

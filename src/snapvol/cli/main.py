@@ -118,8 +118,11 @@ def fsck(image: str, as_json: bool, online: bool, share: float) -> None:
     one (saying which consistency point was opened instead)."""
     live = mounted(image)
     if live is not None and not online:
-        raise SnapvolError(f"{image} is mounted on {live.mountpoint}: check it there with "
-                           f"`snapvol fsck --online {image}`, or unmount it first")
+        held = (f"mounted on {live.mountpoint}" if live.mountpoint
+                else f"owned by process {live.pid}")
+        raise SnapvolError(f"{image} is {held}: check it there with "
+                           f"`snapvol fsck --online {image}`, or "
+                           f"{'unmount' if live.mountpoint else 'stop'} it first")
     if live is not None:
         result: dict[str, Any] = remote(live, "fsck", share=share)
     else:
