@@ -1,7 +1,7 @@
 """The owner and its control protocol stand without FUSE (DESIGN.md §2): nothing under
-control/, daemon/ or image/ imports snapvol.fuse or pyfuse3, the CLI imports snapvol.fuse
-only in its mount command, and loading the CLI, the control client and the owner does not
-load pyfuse3."""
+control/, daemon/ or image/ imports snapvol.fuse or pyfuse3 (main's tests/test_layering.py
+checks that too), the CLI imports snapvol.fuse only in its mount command, and loading the
+CLI, the control client and the owner does not load pyfuse3."""
 
 from __future__ import annotations
 
