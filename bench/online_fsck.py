@@ -6,7 +6,7 @@ before mounting) is mounted by `snapvol mount`; a 50-entry directory is listed e
 same length take turns, so both meet the (shared) machine in the same moods. The figure
 is the p99 of a listing during the checks against its idle p99 on the same mount (the
 issue's target: within 2x). The online check runs in a process of its own at its
-default share of the time (engine/fsck.py, fuse/checker.py). The time one check takes
+default share of the time (engine/fsck.py, daemon/checker.py). The time one check takes
 and the bytes it covered are in the note.
 """
 
@@ -21,9 +21,10 @@ from pathlib import Path
 
 from bench.common import Context, Figure, GiB, MiB, at_most_ratio, with_anchor
 from bench.fuse_io import snapvol_mount
+from snapvol.control import protocol as control
+from snapvol.control import registry
 from snapvol.engine.volume import Volume
 from snapvol.fs import FileSystem
-from snapvol.fuse import control, registry
 from snapvol.layout.constants import ROOT_INO
 
 NAME = "online_fsck"

@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from snapvol.fuse import mounttable, readahead, registry
-from snapvol.fuse.control import ControlError, call, decode, encode
+from snapvol.control import mounttable, registry
+from snapvol.control.protocol import ControlError, call, decode_line, encode_line
+from snapvol.fuse import readahead
 from snapvol.fuse.inodes import FUSE_ROOT, SNAPDIR_INO, from_fuse, to_fuse
 from snapvol.layout.constants import FIRST_USER_INO, ROOT_INO
 
@@ -64,7 +65,7 @@ def test_control_client_errors(tmp_path: Path, run_dir: Path) -> None:
     with pytest.raises(ControlError, match="cannot reach the mount"):
         call(entry, "ping", timeout=5)
 
-    answers = [encode({"ok": False, "error": "no snapshot named 'x'"}), b"not json\n"]
+    answers = [encode_line({"ok": False, "error": "no snapshot named 'x'"}), b"not json\n"]
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as server:
         server.bind(sock_path)
         server.listen(4)
@@ -73,8 +74,8 @@ def test_control_client_errors(tmp_path: Path, run_dir: Path) -> None:
             for answer in answers:
                 conn, _ = server.accept()
                 with conn:
-                    request = decode(conn.recv(65536))
-                    assert request == {"op": "snap_delete", "args": {"name": "x"}}
+                    request = decode_line(conn.recv(65536))
+                    assert request == {"v": 1, "op": "snap_delete", "args": {"name": "x"}}
                     conn.sendall(answer)
 
         t = threading.Thread(target=serve)
@@ -84,7 +85,7 @@ def test_control_client_errors(tmp_path: Path, run_dir: Path) -> None:
         with pytest.raises(ControlError, match="without an answer"):
             call(entry, "snap_delete", timeout=5, name="x")
         t.join(timeout=10)
-    assert json.loads(encode({"a": 1})) == {"a": 1}
+    assert json.loads(encode_line({"a": 1})) == {"a": 1}
 
 
 def test_readahead_finds_the_mount_in_mountinfo(tmp_path: Path) -> None:

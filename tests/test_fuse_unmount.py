@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from fusemount import Mount, is_mounted, mounted_volume, needs_fuse, wait_gone
-from snapvol.fuse import mounttable
+from snapvol.control import mounttable
 
 pytestmark = needs_fuse
 

@@ -15,9 +15,9 @@ import contextlib
 import click
 from click.shell_completion import CompletionItem
 
+from snapvol.control import registry
+from snapvol.control.protocol import call
 from snapvol.engine.volume import Volume
-from snapvol.fuse import registry
-from snapvol.fuse.control import call
 
 MOUNT_TIMEOUT = 2.0  # seconds a mount process may take to list its snapshots
 

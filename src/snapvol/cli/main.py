@@ -29,10 +29,10 @@ from snapvol.cli.sizes import human_size, size_option
 from snapvol.cli.snap import snap
 from snapvol.cli.transfer import receive_cmd, receive_facts, send
 from snapvol.cli.verify import verify
+from snapvol.control.ops import fsck_result, volume_facts
 from snapvol.engine.fsck import ONLINE_SHARE, check
 from snapvol.engine.volume import Volume
 from snapvol.errors import SnapvolError
-from snapvol.fuse.control import fsck_result, volume_facts
 from snapvol.layout.constants import BLOCK_SIZE
 from snapvol.runtime import tune_gc, tune_malloc
 
@@ -126,8 +126,11 @@ def fsck(image: str, as_json: bool, online: bool, share: float) -> None:
     one (saying which consistency point was opened instead)."""
     live = mounted(image)
     if live is not None and not online:
-        raise SnapvolError(f"{image} is mounted on {live.mountpoint}: check it there with "
-                           f"`snapvol fsck --online {image}`, or unmount it first")
+        held = (f"mounted on {live.mountpoint}" if live.mountpoint
+                else f"owned by process {live.pid}")
+        raise SnapvolError(f"{image} is {held}: check it there with "
+                           f"`snapvol fsck --online {image}`, or "
+                           f"{'unmount' if live.mountpoint else 'stop'} it first")
     if live is not None:
         result: dict[str, Any] = remote(live, "fsck", share=share)
     else:

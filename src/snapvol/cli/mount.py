@@ -6,7 +6,7 @@ child's own error message. The mount process logs (its CPs, snapshots, followed 
 and errors) to one place, which its registry entry records and `snapvol mounts` shows:
 the journal when systemd started it (its stderr is the journal stream: cli/systemd.py),
 else stderr with --foreground, else a log file in the run directory (see
-`snapvol.fuse.registry`). Log times are UTC, like every time snapvol prints.
+`snapvol.control.registry`). Log times are UTC, like every time snapvol prints.
 """
 
 from __future__ import annotations
@@ -24,12 +24,12 @@ import click
 from snapvol.cli import systemd
 from snapvol.cli.listing import Field, Listing
 from snapvol.cli.output import print_json, show_time
+from snapvol.control import mounttable, registry
+from snapvol.control.protocol import ControlError, call
+from snapvol.control.registry import MountEntry, StaleMount
 from snapvol.engine.volume import MAX_CP_INTERVAL, MIN_CP_INTERVAL, check_cp_interval
 from snapvol.errors import SnapvolError
-from snapvol.fuse import mounttable, registry
-from snapvol.fuse.control import ControlError, call
 from snapvol.fuse.readahead import DEFAULT_KIB, check_kib
-from snapvol.fuse.registry import MountEntry, StaleMount
 
 UNMOUNT_WAIT = 60.0
 KERNEL_FLAGS = ("nosuid", "nodev", "noexec")  # what fuse.server.KERNEL_FLAGS passes on

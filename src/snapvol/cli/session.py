@@ -15,9 +15,9 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 
+from snapvol.control import registry
 from snapvol.engine.volume import Volume
 from snapvol.errors import LockedError, SnapvolError
-from snapvol.fuse import registry
 
 
 @contextlib.contextmanager
@@ -29,6 +29,9 @@ def open_volume(image: str, *, writable: bool, for_check: bool = False) -> Itera
         live = registry.find_image(image)
         if live is None:
             raise
+        if not live.mountpoint:
+            raise LockedError(f"{image} is owned by process {live.pid} (a snapvol owner "
+                              "without a mount): stop it first") from None
         raise LockedError(f"{image} is mounted on {live.mountpoint} (process {live.pid}): "
                           f"work in the mount, or run `snapvol unmount {live.mountpoint}` "
                           "first") from None

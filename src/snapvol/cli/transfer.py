@@ -4,6 +4,10 @@
 
 Progress (bytes, rate, time left) is drawn on stderr only when both ends are terminals,
 so a pipe or a script sees nothing but the stream and the one-line summary.
+
+A send of an image mounted read-write (or held by another owner) asks its owner for the
+stream, which comes through the control socket (`send_plan`, `send`); the stream is the
+one a send of the unmounted image would write.
 """
 
 from __future__ import annotations
@@ -23,9 +27,11 @@ from snapvol.cli.output import print_json, stream_output
 from snapvol.cli.progress import byte_progress
 from snapvol.cli.session import open_volume
 from snapvol.cli.sizes import human_size
+from snapvol.control import protocol as control
+from snapvol.control import registry
+from snapvol.control.registry import MountEntry
 from snapvol.engine.volume import Volume
 from snapvol.errors import SnapvolError
-from snapvol.fuse import control, registry
 from snapvol.image import (
     ReceiveResult,
     abort,
@@ -69,21 +75,51 @@ def send(image: str, snap: str, base: str | None, output: str | None, dry_run: b
     if output is None and not dry_run and sys.stdout.isatty():
         raise click.UsageError("not writing a binary stream to a terminal: pipe it into "
                                "'snapvol receive' or give -o FILE")
+    live = registry.find_image(image)
+    if live is not None and not live.read_only:  # its owner holds it: ask the owner
+        _send_through(live, image, snap, base, token, output, dry_run, as_json)
+        return
     with open_volume(image, writable=False) as vol:
         p = plan(vol, snap, base, token)
         if dry_run:
-            facts = {"image": image, "snapshot": snap, "base": base, "bytes": p.nbytes,
-                     "blocks": p.nblocks, "resumed_from_vbn": p.header.resume_from}
-            if as_json:
-                print_json(facts)
-            else:
-                what = f"incremental from {base}" if base else "full"
-                click.echo(f"would send {human_size(p.nbytes)} ({p.nbytes} bytes, "
-                           f"{p.nblocks} blocks): snapshot {snap}, {what}")
+            _show_plan({"image": image, "snapshot": snap, "base": base, "bytes": p.nbytes,
+                        "blocks": p.nblocks, "resumed_from_vbn": p.header.resume_from},
+                       as_json)
             return
         with stream_output(output) as out, byte_progress("sending") as progress:
             widen_pipe(out.fileno())  # a pipe or FIFO: a whole record per wake-up of the reader
             write_plan(vol, p, out, progress)
+
+
+def _show_plan(facts: dict[str, Any], as_json: bool) -> None:
+    """What `send --dry-run` prints."""
+    if as_json:
+        print_json(facts)
+        return
+    what = f"incremental from {facts['base']}" if facts["base"] else "full"
+    click.echo(f"would send {human_size(facts['bytes'])} ({facts['bytes']} bytes, "
+               f"{facts['blocks']} blocks): snapshot {facts['snapshot']}, {what}")
+
+
+def _send_through(live: MountEntry, image: str, snap: str, base: str | None,
+                  token: str | None, output: str | None, dry_run: bool,
+                  as_json: bool) -> None:
+    """`send` of an image another process owns: the owner plans and reads the stream
+    (off its loop, so its mount goes on serving), and its bytes come through the socket."""
+    args: dict[str, Any] = {"snap": snap, "base": base, "resume": token}
+    if dry_run:
+        _show_plan({"image": image, **control.call(live, "send_plan", **args)}, as_json)
+        return
+    with control.stream(live, "send", **args) as answer, stream_output(output) as out, \
+            byte_progress("sending") as progress:
+        widen_pipe(out.fileno())
+        total, done = int(answer.result["bytes"]), 0
+        for chunk in answer:
+            out.write(chunk)
+            done += len(chunk)
+            if progress is not None:
+                progress(done, total)
+        out.flush()
 
 
 @click.command("receive")

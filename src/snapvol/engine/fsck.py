@@ -19,7 +19,7 @@ not followed, and heights, sizes and counts are checked before they are used as 
 
 The checker reads through its own `Target`: a committed root record and a BlockIO, never
 the live structures of an open volume, so the online check (`fsck --online`) runs in a
-process of its own beside the mount (`check_root`, fuse/checker.py) while requests go
+process of its own beside the mount (`check_root`, daemon/checker.py) while requests go
 on, paced to a share of the time (`Pacer`), with the root's blocks held against reuse by
 the mount (`Volume.hold_committed`).
 """

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import os
 
+from snapvol.control import mounttable
 from snapvol.errors import SnapvolError
-from snapvol.fuse import mounttable
 
 DEFAULT_KIB = 1024
 """The window a mount asks for: one request of the largest size FUSE sends (max_pages)."""

@@ -28,6 +28,7 @@ import numpy as np
 import numpy.typing as npt
 
 from snapvol.engine import planefile
+from snapvol.engine.blockio import BlockIO
 from snapvol.engine.compare import users
 from snapvol.engine.reach import DamagedBlock, Ranks, Reach, image_trees
 from snapvol.engine.snapshots import plane_of
@@ -194,16 +195,21 @@ def send(vol: Volume, snap: str, base: str | None = None,
     return stream_plan(vol, p)
 
 
-def stream_plan(vol: Volume, p: SendPlan) -> Iterator[bytes | bytearray]:
+def stream_plan(vol: Volume, p: SendPlan, io: BlockIO | None = None,
+                ) -> Iterator[bytes | bytearray]:
     """The chunks of a planned stream. The snapshots read from are immutable while the
     caller holds the volume, so the blocks cannot change under the stream (R1).
+    Metadata is read through `io` (the volume's own by default): a send that runs on a
+    thread of its own beside other users of the volume (the owner's `send`) gives it a
+    `BlockIO` of its own, whose cache no other thread touches.
 
     Each BLOCKS record is one new buffer: the device reads the run straight into it
     between its frame and its checksum, and the run's blocks are checked against their
     pointers' checksums there, in one call into C; so a consumer writes one chunk per
     record and nothing copies the data in user space (each chunk stays valid after the
     next one). A block that fails raises SendError before its record is handed out."""
-    expected = expected_checksums(vol, p)
+    io = vol.io if io is None else io
+    expected = expected_checksums(vol, p, io)
     at = Ranks(p.plane).of(p.starts).tolist() if len(p.starts) else []
     enc = Encoder()
     yield from enc.header(p.header)
@@ -218,7 +224,7 @@ def stream_plan(vol: Volume, p: SendPlan) -> Iterator[bytes | bytearray]:
             bad = first_bad_block(view, vbn, want)
             if bad >= 0:
                 raise _damaged(vol, p, vbn + bad, f"fails its checksum (expected "
-                                                  f"{int(want[bad]):016x})")
+                                                  f"{int(want[bad]):016x})", io)
 
         yield enc.blocks_filled(vbn, count, fill)
     yield from enc.end(p.nblocks)
@@ -229,11 +235,12 @@ def _sent_entries(p: SendPlan) -> list[SnapEntry]:
     return [i.entry for i in p.items if i.role in (ROLE_TOP, ROLE_CARRIED)]
 
 
-def expected_checksums(vol: Volume, p: SendPlan) -> np.ndarray:
+def expected_checksums(vol: Volume, p: SendPlan, io: BlockIO | None = None) -> np.ndarray:
     """The checksum each selected block must have, by rank in the selection: from the
     pointers of the trees of the snapshots the stream brings, walked inside the
     selection (every indirect and inode-file block on the way is read and verified).
     Every selected block must be reached, and with one checksum."""
+    io = vol.io if io is None else io
     sel = p.plane
     ranks = Ranks(sel)
     expected = np.zeros(ranks.total, dtype=np.uint64)
@@ -246,20 +253,20 @@ def expected_checksums(vol: Volume, p: SendPlan) -> np.ndarray:
             differ = expected[r[again]] != csums[again]
             if differ.any():
                 raise _damaged(vol, p, int(vbns[again][differ][0]),
-                               "is named by two pointers with different checksums")
+                               "is named by two pointers with different checksums", io)
         expected[r] = csums
         differ = expected[r] != csums  # named twice in this batch, with two checksums
         if differ.any():
             raise _damaged(vol, p, int(vbns[differ][0]),
-                           "is named by two pointers with different checksums")
+                           "is named by two pointers with different checksums", io)
         seen[r] = True
 
-    reach = Reach(vol.io, vol.nblocks, within=sel)
+    reach = Reach(io, vol.nblocks, within=sel)
     try:
         for entry in _sent_entries(p):
             reach.walk(image_trees(entry.trees), visit)
     except DamagedBlock as err:
-        raise _damaged(vol, p, err.vbn, err.why) from None
+        raise _damaged(vol, p, err.vbn, err.why, io) from None
     if not seen.all():
         missing = np.flatnonzero(~seen)
         raise SendError(
@@ -270,11 +277,11 @@ def expected_checksums(vol: Volume, p: SendPlan) -> np.ndarray:
     return expected
 
 
-def _damaged(vol: Volume, p: SendPlan, vbn: int, what: str) -> SendError:
+def _damaged(vol: Volume, p: SendPlan, vbn: int, what: str, io: BlockIO) -> SendError:
     """The error that stops a send at block `vbn`, naming what uses it."""
     names: list[str] = []
     for entry in _sent_entries(p):
-        names = users(vol.io, vol.nblocks, entry.trees, [vbn]).get(vbn, [])
+        names = users(io, vol.nblocks, entry.trees, [vbn]).get(vbn, [])
         if names:
             where = f"used by {', '.join(names)} in snapshot {entry.name!r}"
             break

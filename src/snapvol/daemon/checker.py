@@ -1,6 +1,6 @@
-"""The online check's own process (`python -m snapvol.fuse.checker IMAGE SHARE`).
+"""The online check's own process (`python -m snapvol.daemon.checker IMAGE SHARE`).
 
-`fsck --online` asks the mount process, which commits what is dirty and holds the
+`fsck --online` asks the owner (the mount process), which commits what is dirty and holds the
 committed root's blocks against reuse (`Volume.hold_committed`) while this process
 checks that root: the root record's bytes come on stdin, the report goes to stdout as
 the JSON `fsck --json` prints, and the image is read on a descriptor of this process,
@@ -24,9 +24,9 @@ threads (and the programs waiting on them) first whenever they want a CPU."""
 def main(argv: list[str]) -> int:
     os.nice(CHECK_NICE)
     # Imported once the priority is low: loading the engine costs a CPU for a moment too.
+    from snapvol.control.ops import fsck_result
     from snapvol.engine.fsck import Pacer, check_root
     from snapvol.errors import SnapvolError
-    from snapvol.fuse.control import fsck_result
     from snapvol.layout.constants import BLOCK_SIZE
 
     image, share = argv[0], float(argv[1])

@@ -1,4 +1,5 @@
-"""This host's mounts: one JSON file per mounted image in the run directory.
+"""This host's volume owners (mounts, and owners without a mount point): one JSON file per
+owned image in the run directory.
 
 The run directory is $SNAPVOL_RUN_DIR, else /run/snapvol for root, else
 $XDG_RUNTIME_DIR/snapvol, else /tmp/snapvol-UID. An image is keyed by the device and
@@ -20,8 +21,8 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from snapvol.control import mounttable
 from snapvol.errors import SnapvolError
-from snapvol.fuse import mounttable
 
 SUN_PATH_MAX = 107  # sockaddr_un.sun_path holds 108 bytes with the NUL
 
@@ -37,6 +38,13 @@ class MountEntry:
 
     start_ticks: int = 0  # the process's start time (/proc/PID/stat), 0 if unknown
     log: str = ""  # where the process logs: a file's path, "journal" or "stderr"
+
+    @property
+    def where(self) -> str:
+        """The owner, as errors name it."""
+        if self.mountpoint:
+            return f"the mount of {self.image} on {self.mountpoint} (process {self.pid})"
+        return f"the owner of {self.image} (process {self.pid})"
 
     @property
     def alive(self) -> bool:
@@ -161,7 +169,12 @@ def _drop(path: Path, entry: MountEntry) -> None:
 
 
 def mounts() -> list[MountEntry]:
-    """Live mounts, by mount point. Entries of dead processes are removed, unless their
+    """Live mounts, by mount point (owners without one are not mounts: `owners`)."""
+    return [e for e in owners() if e.mountpoint]
+
+
+def owners() -> list[MountEntry]:
+    """Live owners, by mount point. Entries of dead processes are removed, unless their
     mount point is still mounted (a stale mount, see `stale`)."""
     out = []
     kernel: dict[str, mounttable.KernelMount] | None = None
